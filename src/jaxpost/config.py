@@ -1,0 +1,486 @@
+"""Training configuration: one frozen, validated dataclass and the ways to build it.
+
+`ColabTrainingConfig` is the single source of truth for every setting. CLI overrides
+(`key=value`), YAML files and notebook keyword arguments all map onto its fields, and
+every path goes through `__post_init__`, so an invalid config cannot exist. Derived
+values (total steps, warmup steps, output sub-directories) are properties.
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+DEFAULT_LORA_TARGETS = (
+    ".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
+    "|q_proj|k_proj|v_proj|o_proj)"
+)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are given a problem. Think about it step by step and write your reasoning "
+    "between <reasoning> and </reasoning>. Then give only the final answer between "
+    "<answer> and </answer>."
+)
+
+MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle")
+_MODEL_FORMS = "embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, kaggle:HANDLE"
+DTYPES = ("float32", "bfloat16")
+CHAT_TEMPLATES = ("auto", "gemma", "chatml", "llama3", "none")
+_TAG_RE = re.compile(r"[A-Za-z0-9_-]+")
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_NONE = ("none", "null")
+
+_POSITIVE = ("lora_rank", "lora_alpha", "epsilon", "temperature", "top_k", "max_examples",
+             "max_prompt_length", "max_new_tokens", "learning_rate", "max_grad_norm",
+             "batch_size", "num_batches", "max_steps", "mini_batch_size", "micro_batch_size",
+             "save_interval_steps", "max_to_keep", "log_every_steps", "mesh_fsdp", "mesh_tp")
+# Field -> (check applied when the value is not None, what is allowed).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (lambda x: x > 0, "must be > 0") for name in _POSITIVE},
+    "num_generations": (lambda x: x >= 2, "GRPO needs at least 2 generations per prompt (G >= 2)"),
+    "num_iterations": (lambda x: x >= 1, "needs at least 1 update per batch (mu >= 1)"),
+    "beta": (lambda x: x >= 0, "the KL coefficient must be >= 0 (beta >= 0)"),
+    "top_p": (lambda x: 0 < x <= 1, "must be None or in (0, 1]"),
+    "warmup_ratio": (lambda x: 0 <= x < 1, "must be in [0, 1)"),
+    "b1": (lambda x: 0 <= x < 1, "must be in [0, 1)"),
+    "b2": (lambda x: 0 <= x < 1, "must be in [0, 1)"),
+    "weight_decay": (lambda x: x >= 0, "must be >= 0"),
+    "eval_size": (lambda x: x >= 0, "must be >= 0"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ColabTrainingConfig:
+    """Everything one GRPO run needs; immutable and validated at construction.
+
+    Model:
+      model: source, one of `embedded:gemma3-270m`, `random:gemma3-tiny` (tiny random
+        weights, for tests), a local directory, `hf:ORG/NAME`, `kaggle:HANDLE`.
+      dtype: parameter/activation dtype, "float32" or "bfloat16".
+      chat_template: prompt wrapping; "auto" picks from the model family, "none" sends
+        raw text.
+    LoRA:
+      lora_rank: adapter rank r. lora_alpha: scaling alpha (update scaled by alpha / r).
+      lora_target_modules: regex over module paths that receive adapters.
+    Data:
+      dataset: task name, e.g. "reasoning-gym:basic_arithmetic" or "gsm8k".
+      max_examples: cap on training examples (None = whole dataset).
+      eval_size: examples held out for evaluation.
+    Prompt:
+      system_prompt: instruction prepended to every question.
+      reasoning_tag / answer_tag: XML-like tag names the rewards parse.
+    Rewards:
+      reward_functions: names in the rewards registry; their weighted sum is the reward.
+      reward_weights: one weight per reward function (None = all 1.0).
+    GRPO (Shao et al. 2024, "DeepSeekMath"):
+      num_generations: G, completions sampled per prompt (group size for the baseline).
+      num_iterations: mu, policy updates per batch of generations.
+      beta: beta, KL-penalty coefficient against the reference model.
+      epsilon: epsilon, PPO-style ratio clipping range.
+      temperature, top_k, top_p: sampling settings for rollouts (None disables a filter).
+      max_prompt_length: prompt tokens kept. max_new_tokens: completion token budget.
+    Optimisation (AdamW):
+      learning_rate: peak LR. warmup_ratio: fraction of total_steps spent warming up.
+      weight_decay, b1, b2: AdamW settings. max_grad_norm: clip norm (None = no clip).
+      batch_size: prompts per step (each expands to G completions).
+      num_batches: batches drawn from the dataset. max_steps: hard cap (None = derived).
+      mini_batch_size / micro_batch_size: optional splits of a batch for updates and
+        gradient accumulation; must divide batch_size (resp. the mini batch).
+    Checkpoints:
+      output_dir: root for checkpoints, TensorBoard logs and exports.
+      save_interval_steps, max_to_keep: checkpoint cadence and retention.
+      save_to_drive / drive_dir: also copy artifacts to Google Drive on Colab.
+    Logging: log_every_steps (metric cadence), tensorboard (write event files).
+    Mesh: mesh_fsdp (FSDP axis size, None = all local devices), mesh_tp (tensor-parallel).
+    seed: PRNG seed for sampling, data order and LoRA initialisation.
+    """
+
+    model: str = "embedded:gemma3-270m"
+    dtype: str = "float32"
+    chat_template: str = "auto"
+
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_target_modules: str = DEFAULT_LORA_TARGETS
+
+    dataset: str = "reasoning-gym:basic_arithmetic"
+    max_examples: int | None = 256
+    eval_size: int = 16
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    reasoning_tag: str = "reasoning"
+    answer_tag: str = "answer"
+
+    reward_functions: tuple[str, ...] = ("format_exact", "format_approximate", "answer_match")
+    reward_weights: tuple[float, ...] | None = None
+
+    num_generations: int = 4
+    num_iterations: int = 1
+    beta: float = 0.04
+    epsilon: float = 0.2
+    temperature: float = 0.9
+    top_k: int | None = 50
+    top_p: float | None = 1.0
+    max_prompt_length: int = 128
+    max_new_tokens: int = 64
+
+    learning_rate: float = 3e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.99
+    max_grad_norm: float | None = 0.1
+    batch_size: int = 2
+    num_batches: int = 8
+    max_steps: int | None = None
+    mini_batch_size: int | None = None
+    micro_batch_size: int | None = None
+
+    output_dir: str = "runs/default"
+    save_interval_steps: int = 2
+    max_to_keep: int = 2
+    save_to_drive: bool = False
+    drive_dir: str = "/content/drive/MyDrive/jaxpost"
+
+    log_every_steps: int = 1
+    tensorboard: bool = True
+
+    mesh_fsdp: int | None = None
+    mesh_tp: int = 1
+
+    seed: int = 42
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name])
+            # YAML gives lists; frozen fields must be rewritten this way to store tuples.
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self):
+        v = self
+        if v.model == "" or ":" in v.model.split("/", 1)[0]:
+            prefix, _, rest = v.model.partition(":")
+            _require(prefix in MODEL_PREFIXES and rest != "", "model", v.model,
+                     f"expected one of {_MODEL_FORMS}")
+        for name, choices in (("dtype", DTYPES), ("chat_template", CHAT_TEMPLATES)):
+            _require(getattr(v, name) in choices, name, getattr(v, name), f"one of {choices}")
+        try:
+            re.compile(v.lora_target_modules)
+        except re.error as e:
+            raise ValueError(f"lora_target_modules={v.lora_target_modules!r} is invalid: "
+                             f"must be a valid regular expression ({e})") from e
+        for name in ("dataset", "output_dir", "drive_dir"):
+            _require(getattr(v, name) != "", name, getattr(v, name), "must be non-empty")
+        for name in ("reasoning_tag", "answer_tag"):
+            _require(_TAG_RE.fullmatch(getattr(v, name)) is not None, name, getattr(v, name),
+                     "a non-empty tag name of letters, digits, '_' or '-'")
+        _require(v.reasoning_tag != v.answer_tag, "answer_tag", v.answer_tag,
+                 f"must differ from reasoning_tag={v.reasoning_tag!r}")
+        # The default prompt names <reasoning>/<answer>; other tags would make the
+        # rewards score a format the model was never asked for.
+        if v.system_prompt == DEFAULT_SYSTEM_PROMPT:
+            _require((v.reasoning_tag, v.answer_tag) == ("reasoning", "answer"),
+                     "system_prompt", "<default>", "set a system_prompt naming the new tags "
+                     "when reasoning_tag or answer_tag is changed")
+        _require(len(v.reward_functions) > 0 and all(v.reward_functions),
+                 "reward_functions", v.reward_functions, "a non-empty list of reward names")
+        if v.reward_weights is not None and len(v.reward_weights) != len(v.reward_functions):
+            raise ValueError(
+                f"reward_weights={v.reward_weights!r} is invalid: needs one weight per entry "
+                f"of reward_functions={v.reward_functions!r} ({len(v.reward_functions)} values)")
+        for name, (ok, allowed) in _RANGES.items():
+            value = getattr(v, name)
+            # The type check already let None through only for optional fields.
+            _require(value is None or ok(value), name, value, allowed)
+        if v.mini_batch_size is not None and v.batch_size % v.mini_batch_size:
+            raise ValueError(f"mini_batch_size={v.mini_batch_size} is invalid: must divide "
+                             f"batch_size={v.batch_size}")
+        if v.micro_batch_size is not None:
+            outer = "mini_batch_size" if v.mini_batch_size is not None else "batch_size"
+            if getattr(v, outer) % v.micro_batch_size:
+                raise ValueError(f"micro_batch_size={v.micro_batch_size} is invalid: must "
+                                 f"divide {outer}={getattr(v, outer)}")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the run: max_steps if set, else num_batches * mu."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.num_batches * self.num_iterations
+
+    @property
+    def warmup_steps(self) -> int:
+        """Linear-warmup steps: int(warmup_ratio * total_steps)."""
+        return int(self.warmup_ratio * self.total_steps)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.output_dir, "checkpoints")
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return os.path.join(self.output_dir, "tensorboard")
+
+    @property
+    def export_dir(self) -> str:
+        return os.path.join(self.output_dir, "export")
+
+    @property
+    def effective_reward_weights(self) -> tuple[float, ...]:
+        """One float weight per reward function; 1.0 each when reward_weights is None."""
+        if self.reward_weights is None:
+            return tuple(1.0 for _ in self.reward_functions)
+        return tuple(float(w) for w in self.reward_weights)
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+# Field name -> annotation; __post_init__ only runs after this module has loaded.
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(ColabTrainingConfig)
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _inner(tp: Any) -> Any:
+    """`X | None` -> X; anything else unchanged."""
+    if _is_optional(tp):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _type_name(tp: Any) -> str:
+    if _is_optional(tp):
+        return f"{_type_name(_inner(tp))} or None"
+    if typing.get_origin(tp) is tuple:
+        return f"comma-separated list of {typing.get_args(tp)[0].__name__}"
+    return tp.__name__
+
+
+def _check_type(name: str, value: Any, tp: Any) -> Any:
+    """Return `value` if it fits annotation `tp` (lists become tuples), else raise."""
+    if value is None and _is_optional(tp):
+        return None
+    base = _inner(tp)
+    bad = ValueError(f"{name}={value!r} is invalid: expected {_type_name(tp)}, "
+                     f"got {type(value).__name__}")
+    if typing.get_origin(base) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        elem = typing.get_args(base)[0]
+        return tuple(_check_type(name, x, elem) for x in value)
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        # bool is an int subclass; `batch_size=True` is always a mistake.
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is invalid: expected a finite number")
+    else:
+        ok = isinstance(value, base)
+    if not ok:
+        raise bad
+    return float(value) if base is float else value
+
+
+def _parse(name: str, text: str, tp: Any) -> Any:
+    """Convert the string `text` to annotation `tp`; ValueError names key and type."""
+    if _is_optional(tp) and text.strip().lower() in _NONE:
+        return None
+    base = _inner(tp)
+    try:
+        if typing.get_origin(base) is tuple:
+            elem = typing.get_args(base)[0]
+            return tuple(_parse(name, p.strip(), elem) for p in text.split(",") if p.strip())
+        if base is bool:
+            return _BOOLS[text.strip().lower()]
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        return text
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"cannot set {name}={text!r}: expected {_type_name(tp)}") from e
+
+
+def _check_key(key: str) -> Any:
+    """Annotation of field `key`; unknown keys fail with the closest valid name."""
+    if key in _FIELD_TYPES:
+        return _FIELD_TYPES[key]
+    close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(_FIELD_TYPES)}"
+    raise ValueError(f"unknown config key '{key}'; {hint}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Accept a value of the field's type or its string spelling (CLI, YAML 1.1 '3e-6')."""
+    tp = _check_key(key)
+    if isinstance(value, str) and _inner(tp) is not str:
+        return _parse(key, value, tp)
+    return value
+
+
+def apply_overrides(config: ColabTrainingConfig, overrides: list[str]) -> ColabTrainingConfig:
+    """Return a new config with `key=value` strings applied (later items win).
+
+    Values are parsed by the field's annotation: int, float, bool (true/false/1/0/yes/no),
+    str, "none"/"null" for optional fields, comma-separated lists for tuples. The result
+    is validated again via `dataclasses.replace`.
+    """
+    changes = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key = key.strip()
+        changes[key] = _parse(key, text, _check_key(key))
+    return dataclasses.replace(config, **changes)
+
+
+def to_dict(config: ColabTrainingConfig) -> dict[str, Any]:
+    """Plain dict of every field (tuples become lists), safe for JSON and YAML."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def from_dict(d: Mapping[str, Any], base: ColabTrainingConfig | None = None) -> ColabTrainingConfig:
+    """Build a config from `d`, starting from `base` (default: the dataclass defaults).
+
+    Values may be of the field's type or strings in override syntax. Unknown keys raise
+    ValueError with the closest valid name.
+    """
+    if not isinstance(d, Mapping):
+        raise ValueError(f"config must be a mapping of keys to values, got {type(d).__name__}")
+    changes = {str(k): _coerce(str(k), v) for k, v in d.items()}
+    if base is None:
+        return ColabTrainingConfig(**changes)
+    return dataclasses.replace(base, **changes)
+
+
+def save_yaml(config: ColabTrainingConfig, path: str) -> None:
+    """Write `config` to `path` as YAML, atomically (temp file in the same dir + rename),
+    so a crash never leaves a half-written config next to a checkpoint."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(to_dict(config), fh, sort_keys=False, allow_unicode=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_yaml(path: str, base: ColabTrainingConfig | None = None) -> ColabTrainingConfig:
+    """Read a YAML mapping of config keys from `path` (see `from_dict`).
+
+    Errors are ValueError prefixed with the path.
+    """
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a YAML mapping of config keys, "
+                         f"got {type(data).__name__}")
+    try:
+        return from_dict(data, base)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def default_config() -> ColabTrainingConfig:
+    """Embedded Gemma 3 270M on CPU, reasoning-gym arithmetic; finishes in minutes.
+
+    Reproduce: `jaxpost train --preset default`
+    """
+    return ColabTrainingConfig()
+
+
+def smoke_config() -> ColabTrainingConfig:
+    """Tiny random model, 2 steps: exercises the whole pipeline in seconds (tests).
+
+    Reproduce: `jaxpost train --preset smoke`
+    """
+    return ColabTrainingConfig(
+        model="random:gemma3-tiny", max_steps=2, batch_size=2, num_generations=2,
+        max_new_tokens=8, max_prompt_length=64, max_examples=16, eval_size=4,
+        save_interval_steps=1, output_dir="runs/smoke")
+
+
+def colab_tpu_config() -> ColabTrainingConfig:
+    """Gemma 3 1B-IT from Kaggle on GSM8K, settings of Tunix's GRPO demo, Colab TPU.
+
+    Reproduce: `jaxpost train --preset colab_tpu`
+    """
+    return ColabTrainingConfig(
+        model="kaggle:google/gemma-3/flax/gemma3-1b-it", dtype="bfloat16", dataset="gsm8k",
+        max_examples=None, eval_size=100, lora_rank=64, lora_alpha=64.0,
+        num_generations=4, num_iterations=1, beta=0.08, epsilon=0.2, temperature=0.9,
+        top_k=50, top_p=1.0, max_prompt_length=256, max_new_tokens=768,
+        learning_rate=3e-6, warmup_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.99,
+        max_grad_norm=0.1, batch_size=1, num_batches=3738, save_interval_steps=500,
+        max_to_keep=4, save_to_drive=True, output_dir="runs/colab_tpu")
+
+
+def kaggle_tpu_config() -> ColabTrainingConfig:
+    """colab_tpu on a Kaggle v5e-8: more memory allows 4 prompts per step; no Drive.
+
+    Reproduce: `jaxpost train --preset kaggle_tpu`
+    """
+    return dataclasses.replace(
+        colab_tpu_config(), save_to_drive=False, output_dir="/kaggle/working/jaxpost",
+        batch_size=4, mini_batch_size=4)
+
+
+PRESETS: dict[str, Callable[[], ColabTrainingConfig]] = {
+    "default": default_config,
+    "smoke": smoke_config,
+    "colab_tpu": colab_tpu_config,
+    "kaggle_tpu": kaggle_tpu_config,
+}
+
+
+def get_preset(name: str) -> ColabTrainingConfig:
+    """Build the preset called `name`; unknown names fail with the closest match."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown preset '{name}';{hint} available: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def describe(config: ColabTrainingConfig) -> str:
+    """Short multi-line summary for printing at the start of a run."""
+    c = config
+    return "\n".join([
+        f"model:    {c.model} ({c.dtype}, LoRA r={c.lora_rank} alpha={c.lora_alpha})",
+        f"dataset:  {c.dataset} (max_examples={c.max_examples}, eval_size={c.eval_size})",
+        f"steps:    {c.total_steps} (warmup {c.warmup_steps}), batch_size={c.batch_size} prompts",
+        f"GRPO:     G={c.num_generations} mu={c.num_iterations} beta={c.beta} "
+        f"epsilon={c.epsilon}",
+        f"optim:    lr={c.learning_rate:g} max_new_tokens={c.max_new_tokens}",
+        f"output:   {c.output_dir}",
+    ])
