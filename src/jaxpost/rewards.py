@@ -1,0 +1,520 @@
+"""Reward functions for GRPO: format, answer correctness and reasoning-gym verifiers.
+
+Every reward is a pure function with Tunix's signature::
+
+    f(prompts: list[str], completions: list[str], **columns) -> list[float]
+
+Tunix's ``RewardManager`` calls ``fn(prompts=..., completions=..., **columns)``, where
+``columns`` are the other dataset columns of the batch (``answer``, ``question``,
+``task``, ``entry``, ...), each a list aligned with ``completions``, plus whatever else
+Tunix decides to pass; every reward therefore accepts ``**kwargs``. Tunix also fills
+any parameter whose name matches a field of its algorithm config (``beta``,
+``epsilon``, ``num_generations``, ...), so no reward here uses such a name.
+
+The built-ins take the tag names as keyword-only parameters (``reasoning_tag``,
+``answer_tag``); :func:`create_reward_functions` binds them from the config and
+applies the reward weights. The registry :data:`REWARDS` is an explicit dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+__all__ = [
+    "REWARDS",
+    "RewardFn",
+    "answer_match",
+    "answer_number",
+    "create_reward_functions",
+    "extract_answer",
+    "format_approximate",
+    "format_exact",
+    "get_reward",
+    "list_rewards",
+    "normalize_answer",
+    "parse_number",
+    "reasoning_gym",
+    "register_reward",
+]
+
+RewardFn = Callable[..., list[float]]
+
+# End-of-turn markers a decoder may leave at the end of a completion (Gemma, Llama/
+# SentencePiece, ChatML). They are not the model's text, so format rewards ignore one.
+END_MARKERS: tuple[str, ...] = ("<end_of_turn>", "<eos>", "</s>", "<|im_end|>")
+
+# Relative tolerance under which two numbers count as equal (float round-off, "1000.0").
+_NUMERIC_RTOL = 1e-6
+
+# Partial credit for a numeric answer close to the true one: (relative error, reward),
+# checked in order. A tiny model gets a gradient towards the answer before it is exact.
+_CLOSE_CREDIT: tuple[tuple[float, float], ...] = ((0.10, 0.5), (0.20, 0.25))
+
+_NUMBER_RE = re.compile(
+    r"""
+    (?P<sign>[-+])?\s*\$?\s*(?P<sign2>[-+])?          # "-3", "-$3", "$-3"
+    (?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)  # "1,000.5", "1000", ".5"
+    (?P<exp>[eE][-+]?\d+)?                           # "1e5"
+    (?:/(?P<den>\d+(?:\.\d+)?))?                     # "3/4"
+    """,
+    re.VERBOSE,
+)
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# "-" and "." are not stripped from the front: "-3" and ".5" are not "3" and "5".
+_LEADING_PUNCT = " \t\r\n,;:!?\"'`*([{"
+_TRAILING_PUNCT = " \t\r\n.,;:!?\"'`*)]}"
+
+
+class _RewardConfig(Protocol):
+    reward_functions: Sequence[str]
+    reward_weights: Sequence[float] | None
+    reasoning_tag: str
+    answer_tag: str
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def extract_answer(completion: str, answer_tag: str = "answer") -> str | None:
+    """Return the text inside the last complete ``<answer>...</answer>``, stripped.
+
+    "Last complete" means the last closing tag and the nearest opening tag before it,
+    so a trailing unterminated ``<answer>`` does not hide an earlier finished one.
+
+    Args:
+      completion: model output.
+      answer_tag: tag name, without angle brackets.
+
+    Returns:
+      The stripped inner text (possibly ``""``), or ``None`` when there is no
+      complete answer tag.
+
+    >>> extract_answer("<answer>3</answer> then <answer> 4 </answer>")
+    '4'
+    >>> extract_answer("<answer>4") is None
+    True
+    """
+    opening, closing = f"<{answer_tag}>", f"</{answer_tag}>"
+    end = completion.rfind(closing)
+    if end == -1:
+        return None
+    start = completion.rfind(opening, 0, end)
+    if start == -1:
+        return None
+    return completion[start + len(opening) : end].strip()
+
+
+def parse_number(text: str) -> float | None:
+    """Return the first number-like token of ``text`` as a float, or ``None``.
+
+    Understands thousands separators ("1,000"), currency ("$1000", "-$5"), decimals
+    ("1000.0", ".5"), signs ("-3"), exponents ("1e5"), fractions without spaces
+    ("3/4" -> 0.75), percentages ("50%" -> 50.0; the "%" is dropped) and surrounding
+    words or a trailing period ("The answer is 42." -> 42.0). A fraction with a zero
+    denominator, or a value that does not fit a finite float, gives ``None``.
+
+    >>> parse_number("$1,000.")
+    1000.0
+    >>> parse_number("3/4")
+    0.75
+    >>> parse_number("no digits") is None
+    True
+    """
+    text = text.replace("\u2212", "-")  # Unicode minus sign.
+    match = _NUMBER_RE.search(text)
+    if match is None:
+        return None
+    value = float(match.group("num").replace(",", "") + (match.group("exp") or ""))
+    den = match.group("den")
+    if den is not None:
+        try:
+            value /= float(den)
+        except ZeroDivisionError:
+            return None
+    if "-" in (match.group("sign"), match.group("sign2")):
+        value = -value
+    return value if math.isfinite(value) else None
+
+
+def normalize_answer(text: str) -> str:
+    """Normalise an answer string for exact comparison.
+
+    Lowercases, removes ``$`` and thousands separators ("1,000" -> "1000"), collapses
+    runs of whitespace to one space, and strips whitespace and punctuation at the ends
+    (quotes, ``*``, brackets, ``,;:!?`` on both sides; ``.`` at the end only, so a
+    leading ``-`` or ``.`` survives).
+
+    >>> normalize_answer("  **$1,000**. ")
+    '1000'
+    >>> normalize_answer("Paris.")
+    'paris'
+    """
+    text = text.lower().replace("$", "")
+    text = _THOUSANDS_RE.sub("", text)
+    text = " ".join(text.split())
+    return text.lstrip(_LEADING_PUNCT).rstrip(_TRAILING_PUNCT)
+
+
+def _numbers_equal(x: float, y: float) -> bool:
+    return abs(x - y) < _NUMERIC_RTOL * max(1.0, abs(x), abs(y))
+
+
+def _strip_end_marker(completion: str) -> str:
+    text = completion.strip()
+    for marker in END_MARKERS:
+        if text.endswith(marker):
+            return text[: -len(marker)].rstrip()
+    return text
+
+
+def _require_column(
+    reward: str, name: str, value: Any, completions: list[str], kwargs: dict
+) -> list:
+    if value is None:
+        raise ValueError(
+            f"{reward} needs a {name!r} column in the dataset; got columns: {sorted(kwargs)}"
+        )
+    if len(value) != len(completions):
+        raise ValueError(
+            f"{reward}: column {name!r} has {len(value)} values for {len(completions)} completions"
+        )
+    return list(value)
+
+
+# ---------------------------------------------------------------------------
+# Built-in rewards
+
+
+def format_exact(
+    prompts: list[str],
+    completions: list[str],
+    *,
+    reasoning_tag: str = "reasoning",
+    answer_tag: str = "answer",
+    **kwargs: Any,
+) -> list[float]:
+    """1.0 when the completion is exactly ``<reasoning>R</reasoning><answer>A</answer>``.
+
+    Surrounding whitespace and one trailing end marker (``<end_of_turn>``, ``<eos>``,
+    ``</s>``, ``<|im_end|>``) are ignored; whitespace between the blocks is allowed;
+    R and A must contain non-whitespace text; each of the four tags must appear exactly
+    once; no other text may come before or after. Otherwise 0.0.
+
+    Range: {0.0, 1.0}.
+    """
+    del prompts, kwargs
+    r_open, r_close = f"<{reasoning_tag}>", f"</{reasoning_tag}>"
+    a_open, a_close = f"<{answer_tag}>", f"</{answer_tag}>"
+    pattern = re.compile(
+        rf"^{re.escape(r_open)}\s*(.+?)\s*{re.escape(r_close)}\s*"
+        rf"{re.escape(a_open)}\s*(.+?)\s*{re.escape(a_close)}$",
+        re.DOTALL,
+    )
+    scores = []
+    for completion in completions:
+        text = _strip_end_marker(completion)
+        once = all(text.count(tag) == 1 for tag in (r_open, r_close, a_open, a_close))
+        match = pattern.match(text) if once else None
+        # The pattern alone lets a whitespace-only block through ("<answer> </answer>").
+        ok = match is not None and all(group.strip() for group in match.groups())
+        scores.append(1.0 if ok else 0.0)
+    return scores
+
+
+def format_approximate(
+    prompts: list[str],
+    completions: list[str],
+    *,
+    reasoning_tag: str = "reasoning",
+    answer_tag: str = "answer",
+    **kwargs: Any,
+) -> list[float]:
+    """Partial credit for the format, so that a model far from it still gets a signal.
+
+    For each of the four tags (``<reasoning>``, ``</reasoning>``, ``<answer>``,
+    ``</answer>``): +0.25 when it appears exactly once, -0.25 when it appears more than
+    once, 0 when absent. A further -0.25 when non-whitespace text follows the last
+    ``</answer>`` (one trailing end marker such as ``<end_of_turn>`` is ignored). The
+    sum is clipped to [-1, 1]. Tag order is not checked; :func:`format_exact` does that.
+
+    Range: [-1.0, 1.0] in steps of 0.25.
+    """
+    del prompts, kwargs
+    tags = (f"<{reasoning_tag}>", f"</{reasoning_tag}>", f"<{answer_tag}>", f"</{answer_tag}>")
+    a_close = tags[3]
+    scores = []
+    for completion in completions:
+        text = _strip_end_marker(completion)
+        score = 0.0
+        for tag in tags:
+            count = text.count(tag)
+            if count == 1:
+                score += 0.25
+            elif count > 1:
+                score -= 0.25
+        end = text.rfind(a_close)
+        if end != -1 and text[end + len(a_close) :].strip():
+            score -= 0.25
+        scores.append(min(1.0, max(-1.0, score)))
+    return scores
+
+
+def answer_match(
+    prompts: list[str],
+    completions: list[str],
+    *,
+    answer: Sequence[Any] | None = None,
+    answer_tag: str = "answer",
+    **kwargs: Any,
+) -> list[float]:
+    """Compare the text in the answer tag with the ``answer`` column.
+
+    1.0 when the two are equal after :func:`normalize_answer`, or both parse as numbers
+    (:func:`parse_number`) that are equal up to a relative 1e-6. When both are numbers
+    but differ: 0.5 within 10% of the true answer, 0.25 within 20%, else 0.0. 0.0 when
+    the completion has no complete answer tag.
+
+    Range: {0.0, 0.25, 0.5, 1.0}.
+
+    Raises:
+      ValueError: the dataset has no ``answer`` column, or its length differs from
+        ``completions``.
+    """
+    del prompts
+    golds = _require_column("answer_match", "answer", answer, completions, kwargs)
+    scores = []
+    for completion, gold in zip(completions, golds):
+        predicted = extract_answer(completion, answer_tag)
+        if predicted is None:
+            scores.append(0.0)
+            continue
+        gold = str(gold)
+        if normalize_answer(predicted) == normalize_answer(gold):
+            scores.append(1.0)
+            continue
+        x, y = parse_number(predicted), parse_number(gold)
+        if x is None or y is None:
+            scores.append(0.0)
+            continue
+        if _numbers_equal(x, y):
+            scores.append(1.0)
+            continue
+        score = 0.0
+        for rel, credit in _CLOSE_CREDIT:
+            if abs(x - y) <= rel * abs(y):
+                score = credit
+                break
+        scores.append(score)
+    return scores
+
+
+def answer_number(
+    prompts: list[str],
+    completions: list[str],
+    *,
+    answer: Sequence[Any] | None = None,
+    answer_tag: str = "answer",
+    **kwargs: Any,
+) -> list[float]:
+    """1.0 when the first number in the answer tag equals the numeric ``answer`` column.
+
+    Both sides go through :func:`parse_number`; equality is up to a relative 1e-6.
+    0.0 when there is no answer tag or no number in it.
+
+    Range: {0.0, 1.0}.
+
+    Raises:
+      ValueError: the dataset has no ``answer`` column, its length differs from
+        ``completions``, or one of its values holds no number (use ``answer_match``
+        for non-numeric datasets).
+    """
+    del prompts
+    golds = _require_column("answer_number", "answer", answer, completions, kwargs)
+    scores = []
+    for i, (completion, gold) in enumerate(zip(completions, golds)):
+        y = parse_number(str(gold))
+        if y is None:
+            raise ValueError(
+                f"answer_number needs numeric answers; answer[{i}] = {gold!r} holds no number"
+            )
+        predicted = extract_answer(completion, answer_tag)
+        x = None if predicted is None else parse_number(predicted)
+        scores.append(1.0 if x is not None and _numbers_equal(x, y) else 0.0)
+    return scores
+
+
+@functools.lru_cache(maxsize=None)
+def _reasoning_gym_scorer(task: str) -> Callable[..., float]:
+    # Imported here: reasoning_gym takes ~2 s to import and most runs never need it.
+    import reasoning_gym as rg
+
+    # get_score_answer_fn builds the dataset class once with its default config;
+    # caching keeps that off the per-batch path.
+    return rg.get_score_answer_fn(task)
+
+
+def reasoning_gym(
+    prompts: list[str],
+    completions: list[str],
+    *,
+    task: Sequence[str] | None = None,
+    entry: Sequence[str | dict] | None = None,
+    answer_tag: str = "answer",
+    **kwargs: Any,
+) -> list[float]:
+    """Score the text in the answer tag with reasoning-gym's own verifier.
+
+    For completion ``i``: ``reasoning_gym.get_score_answer_fn(task[i])(answer=...,
+    entry=json.loads(entry[i]))``. ``entry`` holds the reasoning-gym entry as a JSON
+    string (a dict is accepted as is). A completion without a complete answer tag
+    scores 0.0. Scores of tasks with graded verifiers (partial credit) pass through.
+
+    Range: [0.0, 1.0] (as returned by reasoning-gym).
+
+    Raises:
+      ValueError: the ``task`` or ``entry`` column is missing or has the wrong length,
+        an entry is not valid JSON, or a task name is not a reasoning-gym dataset.
+    """
+    del prompts
+    if task is None or entry is None:
+        present = sorted([*kwargs, *(["task"] if task is not None else []),
+                          *(["entry"] if entry is not None else [])])
+        raise ValueError(
+            "reasoning_gym needs 'task' and 'entry' columns in the dataset (entry: the "
+            f"reasoning-gym entry dict as a JSON string); got columns: {present}"
+        )
+    tasks = _require_column("reasoning_gym", "task", task, completions, kwargs)
+    entries = _require_column("reasoning_gym", "entry", entry, completions, kwargs)
+    scores = []
+    for i, completion in enumerate(completions):
+        predicted = extract_answer(completion, answer_tag)
+        if predicted is None:
+            scores.append(0.0)
+            continue
+        raw = entries[i]
+        try:
+            item = raw if isinstance(raw, dict) else json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"reasoning_gym: entry[{i}] is not valid JSON: {err}") from err
+        scorer = _reasoning_gym_scorer(str(tasks[i]))
+        scores.append(float(scorer(answer=predicted, entry=item)))
+    return scores
+
+
+# ---------------------------------------------------------------------------
+# Registry
+
+REWARDS: dict[str, RewardFn] = {
+    "format_exact": format_exact,
+    "format_approximate": format_approximate,
+    "answer_match": answer_match,
+    "answer_number": answer_number,
+    "reasoning_gym": reasoning_gym,
+}
+
+
+def register_reward(name: str, fn: RewardFn, *, overwrite: bool = False) -> None:
+    """Add ``fn`` to :data:`REWARDS` under ``name``.
+
+    ``fn`` must have the Tunix signature ``fn(prompts, completions, **kwargs) ->
+    list[float]``; if it has ``reasoning_tag`` / ``answer_tag`` parameters,
+    :func:`create_reward_functions` binds them from the config.
+
+    Raises:
+      TypeError: ``fn`` is not callable.
+      ValueError: ``name`` is already registered and ``overwrite`` is False.
+    """
+    if not callable(fn):
+        raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
+    if name in REWARDS and not overwrite:
+        raise ValueError(
+            f"reward {name!r} is already registered; pass overwrite=True to replace it"
+        )
+    REWARDS[name] = fn
+
+
+def list_rewards() -> list[str]:
+    """Names of the registered rewards, sorted."""
+    return sorted(REWARDS)
+
+
+def get_reward(name: str) -> RewardFn:
+    """Return the registered reward ``name``.
+
+    Raises:
+      ValueError: unknown name; the message lists the known names and the closest one.
+    """
+    try:
+        return REWARDS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(REWARDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown reward {name!r}.{hint} Known rewards: {', '.join(list_rewards())}"
+        ) from None
+
+
+def _weighted(fn: RewardFn, weight: float) -> RewardFn:
+    def weighted(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+        return [weight * r for r in fn(prompts=prompts, completions=completions, **kwargs)]
+
+    return weighted
+
+
+def create_reward_functions(config: _RewardConfig) -> list[RewardFn]:
+    """Build the reward callables that Tunix's RewardManager will call.
+
+    Reads ``config.reward_functions`` (names in :data:`REWARDS`),
+    ``config.reward_weights`` (``None`` for all 1.0, or one float per name),
+    ``config.reasoning_tag`` and ``config.answer_tag``. Each returned callable has the
+    Tunix signature, its tag parameters bound from the config, its output multiplied by
+    its weight (when the weight is not 1.0), and ``__name__`` equal to the registry
+    name, which Tunix uses as the metric name ``rewards/<name>``.
+
+    Raises:
+      ValueError: no reward names, a repeated name, an unknown name, or a weight count
+        that differs from the name count.
+    """
+    names = tuple(config.reward_functions)
+    if not names:
+        raise ValueError("reward_functions is empty; known rewards: " + ", ".join(list_rewards()))
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"reward_functions repeats {repeated}; use reward_weights to weight a reward"
+        )
+    weights = config.reward_weights
+    if weights is None:
+        weights = (1.0,) * len(names)
+    elif len(weights) != len(names):
+        raise ValueError(
+            f"reward_weights has {len(weights)} values for {len(names)} reward_functions "
+            f"{list(names)}"
+        )
+    tags = {"reasoning_tag": config.reasoning_tag, "answer_tag": config.answer_tag}
+
+    built = []
+    for name, weight in zip(names, weights):
+        fn = get_reward(name)
+        params = inspect.signature(fn).parameters
+        bound_tags = {k: v for k, v in tags.items() if k in params}
+        out: RewardFn = fn
+        if bound_tags:
+            out = functools.update_wrapper(functools.partial(fn, **bound_tags), fn)
+        if float(weight) != 1.0:
+            out = functools.update_wrapper(_weighted(out, float(weight)), fn)
+        if out is fn:
+            # A fresh wrapper, so that renaming it does not rename the registered function.
+            out = functools.update_wrapper(_weighted(fn, 1.0), fn)
+        out.__name__ = name
+        out.__qualname__ = name
+        built.append(out)
+    return built
