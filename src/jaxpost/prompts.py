@@ -1,0 +1,196 @@
+"""Prompt formatting: chat templates, system prompt and question -> prompt text.
+
+The prompt is plain text without BOS (the tokenizer adds BOS). It ends where the
+model's turn begins, so the completion is the model's answer in the
+`<reasoning>...</reasoning><answer>...</answer>` format asked for by the system
+prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+logger = logging.getLogger("jaxpost.prompts")
+
+CHAT_TEMPLATES = ("auto", "gemma", "chatml", "llama3", "none")
+
+_STOP_STRINGS = {
+    "gemma": ["<end_of_turn>"],
+    "chatml": ["<|im_end|>"],
+    "llama3": ["<|eot_id|>"],
+    "none": [],
+}
+
+# Hugging Face `config.json` model_type -> template.
+_MODEL_TYPE_TEMPLATES = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3_text": "gemma",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "llama": "llama3",
+}
+
+_SOURCE_PREFIXES = ("embedded:", "random:", "kaggle:", "hf:")
+
+
+def _template_from_name(name: str) -> str:
+    lowered = name.lower()
+    if "gemma" in lowered:
+        return "gemma"
+    if "qwen" in lowered:
+        return "chatml"
+    if "llama" in lowered:
+        return "llama3"
+    return "none"
+
+
+def _template_from_local_dir(directory: Path) -> str:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        logger.warning(
+            "chat_template='auto': %s has no config.json, using template 'none'; "
+            "set chat_template to one of %s to choose one.",
+            directory,
+            CHAT_TEMPLATES[1:],
+        )
+        return "none"
+    with config_path.open(encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type", "")
+    return _MODEL_TYPE_TEMPLATES.get(str(model_type).lower(), "none")
+
+
+def resolve_chat_template(model_source: str, chat_template: str = "auto") -> str:
+    """Returns the concrete chat template ("gemma", "chatml", "llama3" or "none").
+
+    An explicit `chat_template` is returned as is. For "auto" the template is
+    inferred from `model_source`:
+      - "embedded:NAME", "random:NAME", "kaggle:HANDLE": from the name
+        (gemma -> "gemma", qwen -> "chatml", llama -> "llama3", else "none");
+      - "hf:ORG/NAME": from NAME, same rules;
+      - a local directory: from `model_type` in its config.json.
+
+    Raises:
+      ValueError: unknown `chat_template`, or a source that is neither a known
+        prefix nor an existing directory.
+    """
+    if chat_template not in CHAT_TEMPLATES:
+        raise ValueError(
+            f"chat_template={chat_template!r} is not one of {CHAT_TEMPLATES}"
+        )
+    if chat_template != "auto":
+        return chat_template
+    if model_source.startswith("hf:"):
+        return _template_from_name(model_source[len("hf:") :].rsplit("/", 1)[-1])
+    if model_source.startswith(_SOURCE_PREFIXES):
+        return _template_from_name(model_source.split(":", 1)[1])
+    path = Path(model_source).expanduser()
+    if path.is_dir():
+        return _template_from_local_dir(path)
+    raise ValueError(
+        f"cannot infer a chat template for model={model_source!r}: expected one of "
+        f"{', '.join(p + '...' for p in _SOURCE_PREFIXES)} or an existing local "
+        f"directory; or set chat_template to one of {CHAT_TEMPLATES[1:]}"
+    )
+
+
+def stop_strings(template: str) -> list[str]:
+    """End-of-turn markers that end a completion under `template`."""
+    if template not in _STOP_STRINGS:
+        raise ValueError(
+            f"template={template!r} is not one of {tuple(_STOP_STRINGS)}"
+        )
+    return list(_STOP_STRINGS[template])
+
+
+def system_text(config: Any) -> str:
+    """The config's system prompt with `{reasoning_tag}`/`{answer_tag}` filled in.
+
+    Plain replacement rather than `str.format`, so that a literal prompt with
+    other braces (a JSON example, say) is left untouched.
+    """
+    return (
+        config.system_prompt.replace("{reasoning_tag}", config.reasoning_tag)
+        .replace("{answer_tag}", config.answer_tag)
+        .strip()
+    )
+
+
+def _criterion_text(criterion: Any) -> str:
+    text = criterion if isinstance(criterion, str) else getattr(criterion, "text", None)
+    if not isinstance(text, str):
+        raise TypeError(
+            f"rubric criterion {criterion!r} is neither a str nor has a str `.text`"
+        )
+    if not text.strip():
+        raise ValueError("rubric criterion is empty")
+    return text.strip()
+
+
+def _user_text(question: str, rubric: Iterable[Any] | None) -> str:
+    criteria = [_criterion_text(c) for c in rubric or ()]
+    if not criteria:
+        return question
+    lines = "\n".join(f"- {c}" for c in criteria)
+    return f"{question}\n\nYour answer will be judged on:\n{lines}"
+
+
+def format_prompt(
+    question: str,
+    config: Any,
+    rubric: Iterable[Any] | None = None,
+    *,
+    template: str | None = None,
+) -> str:
+    """Builds the prompt text for one question (no BOS; the tokenizer adds it).
+
+    Args:
+      question: the task text; surrounding whitespace is stripped.
+      config: reads `model`, `chat_template`, `system_prompt`, `reasoning_tag`,
+        `answer_tag`.
+      rubric: optional criteria (str, or objects with a `.text` str), listed
+        after the question under "Your answer will be judged on:".
+      template: a resolved template name; skips `resolve_chat_template` (which
+        may read config.json) when formatting many prompts.
+
+    Returns:
+      The prompt, ending where the model's turn starts. An empty system prompt
+      leaves out the system block.
+
+    Raises:
+      ValueError: empty question or unknown template.
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty str, got {question!r}")
+    if template is None:
+        template = resolve_chat_template(config.model, config.chat_template)
+    system = system_text(config)
+    user = _user_text(question.strip(), rubric)
+
+    if template == "gemma":
+        # Gemma has no system role: the system text opens the user turn, as in
+        # Tunix's GRPO demo.
+        content = f"{system}\n\n{user}" if system else user
+        return f"<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
+    if template == "chatml":
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    if template == "llama3":
+        head = (
+            f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+            if system
+            else ""
+        )
+        return (
+            f"{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+    if template == "none":
+        return f"{system}\n\n{user}\n" if system else f"{user}\n"
+    raise ValueError(
+        f"template={template!r} is not one of {tuple(_STOP_STRINGS)}"
+    )

@@ -1,0 +1,178 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from jaxpost.prompts import format_prompt, resolve_chat_template, stop_strings
+
+QUESTION = "What is 2 + 3?"
+SYSTEM = "Think in <{reasoning_tag}> tags, answer in <{answer_tag}> tags."
+SYSTEM_FILLED = "Think in <reasoning> tags, answer in <answer> tags."
+
+
+def make_config(chat_template="gemma", system_prompt=SYSTEM, model="embedded:gemma3-270m"):
+    return SimpleNamespace(
+        model=model,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+        reasoning_tag="reasoning",
+        answer_tag="answer",
+    )
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (
+            "gemma",
+            "<start_of_turn>user\n"
+            f"{SYSTEM_FILLED}\n\n{QUESTION}<end_of_turn>\n"
+            "<start_of_turn>model\n",
+        ),
+        (
+            "chatml",
+            f"<|im_start|>system\n{SYSTEM_FILLED}<|im_end|>\n"
+            f"<|im_start|>user\n{QUESTION}<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        ),
+        (
+            "llama3",
+            f"<|start_header_id|>system<|end_header_id|>\n\n{SYSTEM_FILLED}<|eot_id|>"
+            f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ),
+        ("none", f"{SYSTEM_FILLED}\n\n{QUESTION}\n"),
+    ],
+)
+def test_template_strings(template, expected):
+    assert format_prompt(QUESTION, make_config(template)) == expected
+
+
+def test_literal_system_prompt_is_used_verbatim():
+    literal = 'Reply as JSON {"a": 1} inside <reasoning></reasoning><answer></answer>.'
+    prompt = format_prompt(QUESTION, make_config("none", system_prompt=literal))
+    assert prompt == f"{literal}\n\n{QUESTION}\n"
+
+
+def test_tag_names_come_from_config():
+    config = make_config("none")
+    config.reasoning_tag, config.answer_tag = "think", "final"
+    assert format_prompt(QUESTION, config).startswith(
+        "Think in <think> tags, answer in <final> tags."
+    )
+
+
+def test_auto_template_resolves_from_model():
+    assert format_prompt(QUESTION, make_config("auto", model="hf:Qwen/Qwen2.5-0.5B-Instruct")).startswith(
+        "<|im_start|>system\n"
+    )
+
+
+def test_explicit_template_argument_skips_resolution():
+    config = make_config("auto", model="not-a-real-source")
+    assert format_prompt(QUESTION, config, template="none") == f"{SYSTEM_FILLED}\n\n{QUESTION}\n"
+
+
+@pytest.mark.parametrize("question", ["", "   \n"])
+def test_empty_question_raises(question):
+    with pytest.raises(ValueError, match="question"):
+        format_prompt(question, make_config())
+
+
+def test_rubric_lines_are_listed_after_the_question():
+    class Criterion:
+        def __init__(self, text):
+            self.text = text
+
+    prompt = format_prompt(
+        QUESTION, make_config("none"), rubric=["Shows each step", Criterion("Final number is correct")]
+    )
+    assert prompt == (
+        f"{SYSTEM_FILLED}\n\n{QUESTION}\n\n"
+        "Your answer will be judged on:\n"
+        "- Shows each step\n"
+        "- Final number is correct\n"
+    )
+
+
+def test_rubric_goes_in_the_gemma_user_turn():
+    prompt = format_prompt(QUESTION, make_config("gemma"), rubric=["Shows each step"])
+    assert prompt.endswith(
+        "Your answer will be judged on:\n- Shows each step<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def test_bad_rubric_items_raise():
+    with pytest.raises(TypeError, match="rubric criterion"):
+        format_prompt(QUESTION, make_config(), rubric=[42])
+    with pytest.raises(ValueError, match="empty"):
+        format_prompt(QUESTION, make_config(), rubric=["  "])
+
+
+def test_empty_system_prompt_leaves_out_the_system_block():
+    config = make_config(system_prompt="")
+    assert format_prompt(QUESTION, config) == (
+        f"<start_of_turn>user\n{QUESTION}<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert format_prompt(QUESTION, config, template="chatml").startswith("<|im_start|>user\n")
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("embedded:gemma3-270m", "gemma"),
+        ("random:gemma3-tiny", "gemma"),
+        ("kaggle:google/gemma-3/flax/gemma3-1b-it", "gemma"),
+        ("hf:google/gemma-3-1b-it", "gemma"),
+        ("hf:Qwen/Qwen2.5-0.5B-Instruct", "chatml"),
+        ("hf:meta-llama/Llama-3.2-1B-Instruct", "llama3"),
+        ("hf:microsoft/phi-2", "none"),
+    ],
+)
+def test_resolve_auto_from_source_name(source, expected):
+    assert resolve_chat_template(source) == expected
+
+
+@pytest.mark.parametrize(
+    "model_type, expected",
+    [
+        ("gemma3", "gemma"),
+        ("gemma3_text", "gemma"),
+        ("gemma2", "gemma"),
+        ("gemma", "gemma"),
+        ("qwen2", "chatml"),
+        ("qwen3", "chatml"),
+        ("llama", "llama3"),
+        ("mistral", "none"),
+    ],
+)
+def test_resolve_auto_from_local_config_json(tmp_path, model_type, expected):
+    # The directory name must not matter, only config.json.
+    model_dir = tmp_path / "some-qwen-named-dir"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert resolve_chat_template(str(model_dir), "auto") == expected
+
+
+def test_resolve_local_dir_without_config_json_is_none(tmp_path):
+    assert resolve_chat_template(str(tmp_path)) == "none"
+
+
+def test_resolve_explicit_template_wins():
+    assert resolve_chat_template("hf:Qwen/Qwen2.5-0.5B-Instruct", "gemma") == "gemma"
+
+
+def test_resolve_rejects_unknown_template_and_source(tmp_path):
+    with pytest.raises(ValueError, match="chat_template='mistral'"):
+        resolve_chat_template("embedded:gemma3-270m", "mistral")
+    with pytest.raises(ValueError, match="cannot infer"):
+        resolve_chat_template(str(tmp_path / "missing"))
+
+
+def test_stop_strings():
+    assert stop_strings("gemma") == ["<end_of_turn>"]
+    assert stop_strings("chatml") == ["<|im_end|>"]
+    assert stop_strings("llama3") == ["<|eot_id|>"]
+    assert stop_strings("none") == []
+    with pytest.raises(ValueError):
+        stop_strings("auto")
