@@ -42,7 +42,7 @@ def test_smoke_preset_values():
     c = get_preset("smoke")
     assert c.model == "random:gemma3-tiny"
     assert (c.max_steps, c.batch_size, c.num_generations) == (2, 2, 2)
-    assert (c.max_new_tokens, c.max_prompt_length, c.max_examples, c.eval_size) == (8, 64, 16, 4)
+    assert (c.max_new_tokens, c.max_prompt_length, c.max_examples, c.eval_size) == (8, 96, 16, 4)
     assert (c.save_interval_steps, c.output_dir) == (1, "runs/smoke")
     assert c.total_steps == 2
 

@@ -324,3 +324,8 @@ def test_prepare_datasets_makes_columns_batchable(tmp_path, caplog):
     assert set(batch) == {"prompts", "question", "answer", "tags"}
     assert json.loads(batch["tags"][0]) == ["x", int(batch["answer"][0])]
     assert any("['note']" in r.getMessage() for r in caplog.records)
+
+
+def test_comma_separated_option_becomes_tuple():
+    spec = parse_dataset_spec("reasoning-gym:basic_arithmetic#operators=+,-&max_terms=2")
+    assert spec.options == {"operators": ("+", "-"), "max_terms": 2}

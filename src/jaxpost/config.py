@@ -33,6 +33,9 @@ DEFAULT_SYSTEM_PROMPT = (
 MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle")
 _MODEL_FORMS = "embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, kaggle:HANDLE"
 DTYPES = ("float32", "bfloat16")
+# One-digit sums and differences: a task the 270M base model can get better at in minutes.
+DEFAULT_DATASET = ("reasoning-gym:basic_arithmetic#min_terms=2&max_terms=2&min_digits=1"
+                   "&max_digits=1&operators=+,-&allow_parentheses=false&allow_negation=false")
 CHAT_TEMPLATES = ("auto", "gemma", "chatml", "llama3", "none")
 _TAG_RE = re.compile(r"[A-Za-z0-9_-]+")
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -111,7 +114,7 @@ class ColabTrainingConfig:
     lora_alpha: float = 16.0
     lora_target_modules: str = DEFAULT_LORA_TARGETS
 
-    dataset: str = "reasoning-gym:basic_arithmetic"
+    dataset: str = DEFAULT_DATASET
     max_examples: int | None = 256
     eval_size: int = 16
 
@@ -129,7 +132,7 @@ class ColabTrainingConfig:
     temperature: float = 0.9
     top_k: int | None = 50
     top_p: float | None = 1.0
-    max_prompt_length: int = 128
+    max_prompt_length: int = 96
     max_new_tokens: int = 64
 
     learning_rate: float = 3e-5
@@ -426,7 +429,7 @@ def smoke_config() -> ColabTrainingConfig:
     """
     return ColabTrainingConfig(
         model="random:gemma3-tiny", max_steps=2, batch_size=2, num_generations=2,
-        max_new_tokens=8, max_prompt_length=64, max_examples=16, eval_size=4,
+        max_new_tokens=8, max_prompt_length=96, max_examples=16, eval_size=4,
         save_interval_steps=1, output_dir="runs/smoke")
 
 

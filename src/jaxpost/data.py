@@ -75,6 +75,9 @@ def _invalid_spec(spec: str, why: str) -> ValueError:
 
 
 def _convert_value(value: str) -> Any:
+    """Option text -> int, float, bool, tuple (comma-separated: ``operators=+,-``) or str."""
+    if "," in value:
+        return tuple(_convert_value(v) for v in value.split(",") if v)
     for convert in (int, float):
         try:
             return convert(value)
