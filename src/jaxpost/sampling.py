@@ -1,0 +1,100 @@
+"""Text generation with Tunix's sampler, for any loaded model (with or without LoRA)."""
+
+from __future__ import annotations
+
+import types
+from typing import Sequence
+
+import jax
+from flax import nnx
+
+from jaxpost.mesh import use_mesh
+from jaxpost.models import LoadedModel
+from jaxpost.prompts import format_prompt, resolve_chat_template
+
+
+def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
+    """A Tunix ``Sampler`` for ``model`` (the base or a LoRA-wrapped copy of ``loaded.model``).
+
+    Args:
+      cache_size: KV-cache length in tokens; must hold the prompt plus new tokens.
+    """
+    from tunix.generate import sampler as sampler_lib
+
+    cfg = loaded.model_config
+    cache = sampler_lib.CacheConfig(cache_size=cache_size, num_layers=cfg.num_layers,
+                                    num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    return sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer, cache_config=cache)
+
+
+def chat_prompt(text: str, loaded: LoadedModel, chat_template: str = "auto") -> str:
+    """Wraps ``text`` as one user turn in the model family's chat template (no system text)."""
+    template = resolve_chat_template(loaded.source, chat_template)
+    cfg = types.SimpleNamespace(model=loaded.source, chat_template=template, system_prompt="",
+                                reasoning_tag="reasoning", answer_tag="answer")
+    return format_prompt(text, cfg, template=template)
+
+
+def generate(
+    loaded: LoadedModel,
+    prompts: str | Sequence[str],
+    *,
+    model: nnx.Module | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    chat: bool = False,
+    chat_template: str = "auto",
+    max_prompt_length: int | None = None,
+    sampler=None,
+) -> list[str]:
+    """Generates a continuation for each prompt.
+
+    Args:
+      loaded: the loaded model (tokenizer, config, mesh).
+      prompts: one prompt or a list; BOS is added by the tokenizer.
+      model: the module to sample from (default ``loaded.model``; pass a LoRA model to
+        sample from the adapted weights).
+      max_new_tokens: tokens to generate per prompt.
+      temperature: 0 means greedy decoding.
+      top_k, top_p: sampling filters (ignored when greedy).
+      seed: sampling seed.
+      chat: wrap each prompt as a user turn in the family's chat template.
+      max_prompt_length: pad prompts to this many tokens (fixing it avoids recompiling
+        for every prompt length); default: the longest prompt.
+      sampler: a sampler from :func:`make_sampler` to reuse across calls.
+
+    Returns:
+      The generated text of each prompt, without the prompt, cut at the end-of-turn token.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not batch:
+        raise ValueError("prompts is empty")
+    if chat:
+        batch = [chat_prompt(p, loaded, chat_template) for p in batch]
+    longest = max(len(loaded.tokenizer.encode(p)) + 1 for p in batch)
+    max_prompt_length = max(max_prompt_length or 0, longest)
+    if sampler is None:
+        sampler = make_sampler(model if model is not None else loaded.model, loaded,
+                               cache_size=max_prompt_length + max_new_tokens)
+    greedy = temperature == 0.0
+    with use_mesh(loaded.mesh):
+        out = sampler(
+            batch,
+            max_generation_steps=max_new_tokens,
+            max_prompt_length=max_prompt_length,
+            temperature=1.0 if greedy else temperature,
+            top_k=None if greedy else top_k,
+            # Tunix samples only in top-p mode; top_p=None would silently mean greedy.
+            top_p=None if greedy else (1.0 if top_p is None else top_p),
+            seed=seed,
+            eos_tokens=list(loaded.eos_ids),
+            echo=False,
+        )
+    return list(out.text)
