@@ -1,0 +1,137 @@
+"""The ``jaxpost`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _config_from_args(args: argparse.Namespace):
+    from jaxpost.config import apply_overrides, get_preset, load_yaml
+
+    base = get_preset(args.preset)
+    config = load_yaml(args.config, base=base) if args.config else base
+    return apply_overrides(config, args.set or [])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jaxpost.colab_pipeline import run_full_pipeline
+
+    run_full_pipeline(_config_from_args(args))
+    return 0
+
+
+def _run_config(run_dir: str):
+    from pathlib import Path
+
+    from jaxpost.config import load_yaml
+    from jaxpost.train import CONFIG_FILE
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: RUN_DIR must be the output_dir of a "
+                                "jaxpost train run")
+    return load_yaml(str(path))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from jaxpost.export import export_checkpoint
+
+    export_checkpoint(_run_config(args.run_dir), out_dir=args.out)
+    return 0
+
+
+def _cmd_quick_test(args: argparse.Namespace) -> int:
+    from jaxpost.colab_pipeline import quick_test
+    from jaxpost.export import export_checkpoint, load_lora_export
+    from jaxpost.session import prepare_session
+
+    config = _run_config(args.run_dir)
+    session = prepare_session(config)
+    session.lora_model = load_lora_export(export_checkpoint(config), session.loaded)
+    quick_test(config, session, test_question=args.question)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from jaxpost.models import load_model
+    from jaxpost.sampling import generate
+
+    source, dtype, seed = args.model, args.dtype, 0
+    if args.lora and args.model is None:
+        # The adapters only make sense on the base model they were trained on.
+        from jaxpost.config import load_yaml
+        from jaxpost.export import EXPORT_CONFIG
+        from pathlib import Path
+
+        trained = load_yaml(str(Path(args.lora) / EXPORT_CONFIG))
+        source, dtype, seed = trained.model, trained.dtype, trained.seed
+    loaded = load_model(source or "embedded:gemma3-270m", dtype=dtype, seed=seed)
+    model = loaded.model
+    if args.lora:
+        from jaxpost.export import load_lora_export
+
+        model = load_lora_export(args.lora, loaded)
+    texts = generate(loaded, args.prompt, model=model, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     seed=args.seed, chat=args.chat)
+    for text in texts:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every ``jaxpost`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="jaxpost", description="JAX-native GRPO post-training for models that show their work.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="print a model's continuation of a prompt")
+    g.add_argument("prompt", nargs="+", help="one or more prompts (BOS is added)")
+    g.add_argument("--model", default=None,
+                   help="model source: embedded:gemma3-270m (default), random:gemma3-tiny, a "
+                        "local Hugging Face directory, hf:ORG/NAME or kaggle:HANDLE; with --lora, "
+                        "default: the model the adapters were trained on")
+    g.add_argument("--lora", default=None, help="a LoRA export directory (from jaxpost train/export)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser("train", help="train with GRPO, checkpoint, export and quick-test "
+                                     "(resumes when output_dir holds a checkpoint)")
+    t.add_argument("--preset", default="default",
+                   help="named preset: default, smoke, colab_tpu, kaggle_tpu")
+    t.add_argument("--config", default=None, help="a YAML file of config fields (over the preset)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one config field (repeatable), e.g. --set max_steps=20")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export", help="export a run's latest checkpoint as LoRA safetensors")
+    e.add_argument("run_dir", help="the run's output_dir")
+    e.add_argument("--out", default=None, help="export directory (default RUN_DIR/export)")
+    e.set_defaults(func=_cmd_export)
+
+    q = sub.add_parser("quick-test", help="answer one question with a run's trained adapters")
+    q.add_argument("run_dir", help="the run's output_dir")
+    q.add_argument("--question", default=None, help="default: the first held-out question")
+    q.set_defaults(func=_cmd_quick_test)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jaxpost`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"jaxpost {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

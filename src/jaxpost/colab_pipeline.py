@@ -1,0 +1,98 @@
+"""The notebook's API: one call per stage, ``run_full_pipeline`` for all of them.
+
+    Config -> Session -> TrainerState -> exported checkpoint
+
+This module is a thin facade over ``config``, ``session``, ``train`` and ``export``;
+the notebook (``demo/train_colab.ipynb``) and ``jaxpost train`` call only these.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from jaxpost.config import ColabTrainingConfig, describe, get_preset
+from jaxpost.export import export_checkpoint
+from jaxpost.session import ColabSession
+from jaxpost.train import TrainerState, train_grpo
+
+__all__ = [
+    "ColabTrainingConfig",
+    "ColabSession",
+    "TrainerState",
+    "get_preset",
+    "prepare_colab_session",
+    "train_grpo",
+    "export_checkpoint",
+    "quick_test",
+    "run_full_pipeline",
+]
+
+DEFAULT_TEST_QUESTION = "Calculate 7 + 5."
+
+
+def prepare_colab_session(config: ColabTrainingConfig, *, credentials=None) -> ColabSession:
+    """Loads the model, tokenizer, LoRA model and data for ``config``.
+
+    Args:
+      config: the run's configuration.
+      credentials: hub credentials kept in the session (never in the config).
+    """
+    from jaxpost.session import prepare_session
+
+    return prepare_session(config, credentials=credentials)
+
+
+def quick_test(config: ColabTrainingConfig, session: ColabSession,
+               test_question: str | None = None, trainer_state: TrainerState | None = None,
+               max_new_tokens: int | None = None) -> str:
+    """Answers one question with the trained policy (greedy) and prints it.
+
+    Args:
+      test_question: the question (default: the first held-out question, else a sum).
+      trainer_state: the state from ``train_grpo``; default: the session's LoRA model.
+      max_new_tokens: default ``config.max_new_tokens``.
+
+    Returns:
+      The completion text.
+    """
+    from jaxpost.prompts import format_prompt
+    from jaxpost.sampling import generate
+
+    if test_question is None:
+        test_question = _first_eval_question(session) or DEFAULT_TEST_QUESTION
+    model = trainer_state.lora_model if trainer_state is not None else session.lora_model
+    prompt = format_prompt(test_question, config, template=session.template)
+    [answer] = generate(session.loaded, prompt, model=model,
+                        max_new_tokens=max_new_tokens or config.max_new_tokens)
+    print(f"jaxpost quick test\n  question: {test_question}\n  answer:   {answer.strip()}",
+          flush=True)
+    return answer
+
+
+def _first_eval_question(session: ColabSession) -> str | None:
+    if session.eval_dataset is None or len(session.eval_dataset) == 0:
+        return None
+    return str(session.eval_dataset[0]["question"][0])
+
+
+def run_full_pipeline(config: ColabTrainingConfig, *, credentials=None
+                      ) -> tuple[ColabSession, TrainerState, Path]:
+    """Prepares, trains (resuming if a checkpoint exists), exports and quick-tests.
+
+    Prints the mean reward of the first and last steps.
+
+    Returns:
+      ``(session, trainer_state, export_path)``.
+    """
+    t0 = time.time()
+    print(describe(config), flush=True)
+    session = prepare_colab_session(config, credentials=credentials)
+    state = train_grpo(config, session)
+    path = export_checkpoint(config, state)
+    quick_test(config, session, trainer_state=state)
+    first, last = state.reward_at("first"), state.reward_at("last")
+    if first is not None:
+        print(f"jaxpost: mean reward of the first steps {first:.3f}, of the last steps "
+              f"{last:.3f} ({time.time() - t0:.0f}s in all)", flush=True)
+    return session, state, path

@@ -1,0 +1,94 @@
+"""A training session: the loaded model, its LoRA copy, data and rewards, ready to train."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from flax import nnx
+
+from jaxpost.config import ColabTrainingConfig
+from jaxpost.models import LoadedModel, count_params, load_model
+
+
+@dataclasses.dataclass
+class ColabSession:
+    """Everything a run needs besides its config.
+
+    Attributes:
+      loaded: the base model, tokenizer, model config and mesh (the base model is also
+        GRPO's frozen reference).
+      lora_model: the trainable policy: the base model with LoRA adapters.
+      train_dataset, eval_dataset: Grain datasets of batches (eval may be None).
+      reward_fns: Tunix-compatible reward callables, weights applied.
+      template: the resolved chat template name.
+      credentials: secrets for hubs, owned by the session and never saved with a run.
+    """
+
+    loaded: LoadedModel
+    lora_model: nnx.Module
+    train_dataset: Any
+    eval_dataset: Any
+    reward_fns: list[Callable]
+    template: str
+    credentials: Any = None
+
+    def summary(self) -> str:
+        """One line: platform, devices, mesh, model, parameter and LoRA parameter counts."""
+        from jaxpost.mesh import describe_mesh
+
+        base = count_params(self.loaded.model)
+        lora = count_params(self.lora_model, nnx.LoRAParam)
+        return (f"{describe_mesh(self.loaded.mesh)} | model {self.loaded.source} "
+                f"({self.loaded.family}, {base / 1e6:.1f}M params) | LoRA {lora / 1e6:.2f}M "
+                f"trainable params")
+
+
+def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> None:
+    """Refuses prompts longer than ``max_prompt_length`` tokens (BOS included).
+
+    Tunix would otherwise silently pad every batch to the next power of two and fail
+    later on the KV-cache size; this names the setting to change instead.
+    """
+    prompts = {str(p) for batch in dataset for p in batch["prompts"]}
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    if longest > max_prompt_length:
+        raise ValueError(
+            f"max_prompt_length={max_prompt_length} is too small: the longest formatted prompt "
+            f"has {longest} tokens. Raise max_prompt_length to at least {longest}, or shorten "
+            f"system_prompt / max_examples.")
+
+
+def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
+                    loaded: LoadedModel | None = None) -> ColabSession:
+    """Loads model, tokenizer and data, checks rewards, and wraps the model with LoRA.
+
+    Data and rewards are checked first: they are cheap, and a mistake there should not
+    cost a model load.
+
+    Args:
+      config: the run's configuration.
+      credentials: hub credentials (kept in the session only).
+      loaded: an already loaded base model to reuse (must match ``config.model``).
+    """
+    from jaxpost.data import prepare_datasets
+    from jaxpost.lora import apply_lora
+    from jaxpost.prompts import resolve_chat_template
+    from jaxpost.rewards import create_reward_functions
+
+    t0 = time.time()
+    template = resolve_chat_template(config.model, config.chat_template)
+    reward_fns = create_reward_functions(config)
+    train_ds, eval_ds = prepare_datasets(config)
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, mesh_fsdp=config.mesh_fsdp,
+                            mesh_tp=config.mesh_tp, seed=config.seed)
+    check_prompt_lengths(train_ds, loaded.tokenizer, config.max_prompt_length)
+    lora_model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank,
+                            alpha=config.lora_alpha, target_modules=config.lora_target_modules,
+                            seed=config.seed)
+    session = ColabSession(loaded, lora_model, train_ds, eval_ds, reward_fns, template,
+                           credentials)
+    print(f"jaxpost: {session.summary()} (ready in {time.time() - t0:.0f}s)", flush=True)
+    return session

@@ -1,0 +1,255 @@
+"""GRPO training: optimizer, metrics, checkpoints and resume around Tunix's GRPO learner."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import optax
+from flax import nnx
+
+from jaxpost.config import ColabTrainingConfig, save_yaml
+from jaxpost.fast_logits import completion_logits_only
+from jaxpost.session import ColabSession
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+
+
+class TrainingDiverged(FloatingPointError):
+    """Raised when the loss becomes NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """What a finished (or resumed-and-finished) run hands on to export and evaluation.
+
+    Attributes:
+      config: the config that ran.
+      lora_model: the trained policy (base model plus trained LoRA adapters).
+      step: the last optimizer step completed.
+      resumed_from: the checkpoint step the run resumed from (None for a fresh run).
+      history: one dict per step: ``{"step": n, "rewards/...": x, "loss": y, ...}``.
+      checkpoint_dir: where the Orbax checkpoints are.
+    """
+
+    config: ColabTrainingConfig
+    lora_model: nnx.Module
+    step: int
+    resumed_from: int | None
+    history: list[dict[str, float]]
+    checkpoint_dir: Path
+
+    def reward_at(self, which: str = "first", window: int = 3) -> float | None:
+        """Mean total reward of the first or last ``window`` logged steps (None if unlogged)."""
+        values = [h["reward"] for h in self.history if "reward" in h]
+        if not values:
+            return None
+        part = values[:window] if which == "first" else values[-window:]
+        return sum(part) / len(part)
+
+
+def make_schedule(config: ColabTrainingConfig) -> optax.Schedule:
+    """Learning rate by step: linear warmup from 0 over ``warmup_steps``, then cosine to 0."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps, decay_steps=max(config.total_steps, 1),
+        end_value=0.0)
+
+
+def make_optimizer(config: ColabTrainingConfig) -> optax.GradientTransformation:
+    """AdamW on the warmup-cosine schedule, after global-norm clipping."""
+    schedule = make_schedule(config)
+    adamw = optax.adamw(learning_rate=schedule, b1=config.b1, b2=config.b2,
+                        weight_decay=config.weight_decay)
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+# Tunix logs "<group>/<mode>/<name>"; jaxpost records these under short names.
+_METRIC_NAMES = {
+    "rewards/score/mean": "reward",
+    "rewards/score/max": "reward_max",
+    "actor/loss": "loss",
+    "actor/kl": "kl",
+    "actor/grad_norm": "grad_norm",
+    "completions/mean_length": "completion_length",
+}
+# Rewards and completions are logged while rolling out for step n + 1, under step n.
+_ROLLOUT_GROUPS = ("rewards", "completions")
+_SKIPPED_REWARD_STATS = ("sum", "mean", "min", "max", "score/min")
+
+
+def _short_name(event: str) -> tuple[str, int] | None:
+    """``(name, step offset)`` for a Tunix training event, None for events not recorded."""
+    parts = event.split("/")
+    if len(parts) < 3 or parts[1] != "train":
+        return None
+    group, rest = parts[0], "/".join(parts[2:])
+    key = f"{group}/{rest}"
+    offset = 1 if group in _ROLLOUT_GROUPS else 0
+    if key in _METRIC_NAMES:
+        return _METRIC_NAMES[key], offset
+    if group == "rewards" and rest not in _SKIPPED_REWARD_STATS:
+        return f"rewards/{rest}", offset  # one reward function's batch mean
+    return None
+
+
+class MetricsRecorder:
+    """A Tunix logging backend that keeps per-step metrics, writes them, and guards the loss.
+
+    Every scalar goes to ``metrics.jsonl`` (appended, so a resumed run continues the
+    file) and to an in-memory history; a one-line progress report is printed per step.
+    A non-finite loss raises :class:`TrainingDiverged` before that step is checkpointed.
+    """
+
+    def __init__(self, path: Path, total_steps: int, log_every: int, schedule=None):
+        self.path = path
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.rows: dict[int, dict[str, float]] = {}
+        self._t_start = time.time()
+        self._t_last = self._t_start
+        self._t_step = self._t_start
+        self._printed: set[int] = set()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a")
+
+    def log_scalar(self, event: str, value, **kwargs) -> None:
+        parsed = _short_name(event)
+        if parsed is None or self._file.closed:
+            return
+        name, offset = parsed
+        step = int(kwargs.get("step", 0)) + offset
+        value = float(value)
+        if name == "loss" and not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss became {value} at step {step}; training stopped and the last good "
+                f"checkpoint was kept. Lower learning_rate or max_grad_norm and rerun.")
+        self._put(step, name, value)
+        if name == "loss":
+            # Wall time between consecutive updates. Tunix prepares the next batch's
+            # rollout while a step trains, so single intervals are uneven; averages hold.
+            now = time.time()
+            self._put(step, "step_seconds", now - self._t_step)
+            self._t_step = now
+            if self.schedule is not None:
+                self._put(step, "learning_rate", float(self.schedule(step - 1)))
+            self._report(step)
+        self._file.flush()
+
+    def _put(self, step: int, name: str, value: float) -> None:
+        row = self.rows.setdefault(step, {"step": step})
+        if row.get(name) == value:
+            return  # Tunix's cluster and trainer loggers both forward each event
+        row[name] = value
+        self._file.write(json.dumps({"step": step, "name": name, "value": value}) + "\n")
+
+    def _report(self, step: int) -> None:
+        if step in self._printed or (step % self.log_every and step != self.total_steps):
+            return
+        self._printed.add(step)
+        row = self.rows.get(step, {})
+        now = time.time()
+        parts = [f"step {step}/{self.total_steps}"]
+        for key, fmt in (("reward", "reward {:.3f}"), ("kl", "kl {:.4f}"), ("loss", "loss {:.4f}")):
+            if key in row:
+                parts.append(fmt.format(row[key]))
+        parts.append(f"{now - self._t_last:.1f}s")
+        self._t_last = now
+        print("jaxpost: " + " | ".join(parts), flush=True)
+
+    def history(self) -> list[dict[str, float]]:
+        """Per-step rows in step order."""
+        return [self.rows[s] for s in sorted(self.rows)]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """Per-step metric rows from a run directory's ``metrics.jsonl`` (later values win)."""
+    rows: dict[int, dict[str, float]] = {}
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed process
+        rows.setdefault(rec["step"], {"step": rec["step"]})[rec["name"]] = rec["value"]
+    return [rows[s] for s in sorted(rows)]
+
+
+def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerState:
+    """Trains ``session.lora_model`` with GRPO; resumes from the latest checkpoint.
+
+    Rerunning with the same ``output_dir`` continues from the newest finished checkpoint
+    (LoRA weights, optimizer state, step; the data iterator is fast-forwarded to the
+    same position) instead of starting over, and says so.
+
+    Returns:
+      The trainer state after the last step.
+
+    Raises:
+      TrainingDiverged: when the loss becomes NaN or infinite.
+    """
+    from jaxpost import tunix_adapter
+    from jaxpost.data import num_train_batches
+
+    needed = num_train_batches(config)
+    if len(session.train_dataset) < needed:
+        raise ValueError(
+            f"the session's training data has {len(session.train_dataset)} batches but this "
+            f"config needs {needed} (max_steps={config.max_steps}, num_batches="
+            f"{config.num_batches}); call prepare_colab_session(config) with this config")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, str(out / CONFIG_FILE))
+    ckpt_dir = tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)
+    resumed_from = tunix_adapter.latest_checkpoint_step(ckpt_dir)
+    if resumed_from is not None:
+        if resumed_from >= config.total_steps:
+            print(f"jaxpost: {config.checkpoint_dir} already holds step {resumed_from} "
+                  f"(max_steps {config.total_steps}); loading it without training", flush=True)
+        else:
+            print(f"jaxpost: resuming from checkpoint step {resumed_from} in "
+                  f"{config.checkpoint_dir}", flush=True)
+
+    recorder = MetricsRecorder(out / METRICS_FILE, config.total_steps, config.log_every_steps,
+                               schedule=make_schedule(config))
+    backends = [lambda: recorder]
+    if config.tensorboard:
+        from metrax.logging.tensorboard_backend import TensorboardBackend
+
+        tb_dir = str(config.tensorboard_dir)
+        backends.append(lambda: TensorboardBackend(log_dir=tb_dir, flush_every_n_steps=1))
+
+    loaded = session.loaded
+    t0 = time.time()
+    # Tunix scores only completion tokens; computing the other logits would cost more
+    # than the transformer layers themselves (see jaxpost.fast_logits).
+    with completion_logits_only([session.lora_model, loaded.model], config.max_new_tokens):
+        cluster = tunix_adapter.build_cluster(
+            actor=session.lora_model, reference=loaded.model, tokenizer=loaded.tokenizer,
+            mesh=loaded.mesh, optimizer=make_optimizer(config), config=config,
+            eos_ids=loaded.eos_ids, metric_backends=backends)
+        learner = tunix_adapter.build_grpo_learner(cluster, config, session.reward_fns)
+        try:
+            learner.train(session.train_dataset)
+        finally:
+            cluster.close()  # flushes buffered metrics and unregisters the loggers
+            recorder.close()
+    step = tunix_adapter.latest_checkpoint_step(ckpt_dir) or 0
+    print(f"jaxpost: training finished at step {step} in {time.time() - t0:.0f}s", flush=True)
+    return TrainerState(config=config, lora_model=cluster.actor_trainer.model, step=step,
+                        resumed_from=resumed_from, history=read_metrics(out),
+                        checkpoint_dir=Path(config.checkpoint_dir))

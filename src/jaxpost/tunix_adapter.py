@@ -1,0 +1,135 @@
+"""Every use of ``tunix.rl`` and ``tunix.sft`` goes through this module.
+
+Tunix moves fast (its RLCluster is becoming RLEngine, configs move between modules);
+keeping the imports here means an upgrade changes one file. Pinned: google-tunix 0.1.7.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from tunix.rl import rl_cluster as rl_cluster_lib
+from tunix.rl.grpo import grpo_learner
+from tunix.rl.rollout import base_rollout
+from tunix.sft import metrics_logger
+
+Role = rl_cluster_lib.Role
+
+
+def build_cluster(
+    *,
+    actor: nnx.Module,
+    reference: nnx.Module,
+    tokenizer: Any,
+    mesh: jax.sharding.Mesh,
+    optimizer: optax.GradientTransformation,
+    config: Any,
+    eos_ids: Sequence[int],
+    metric_backends: Sequence[Callable[[], Any]],
+) -> rl_cluster_lib.RLCluster:
+    """An RLCluster with actor, reference and rollout colocated on one mesh.
+
+    Colocation lets Tunix share the base weights between the LoRA actor and the
+    reference model, and sample from the actor's live weights without a copy.
+
+    Args:
+      actor: the LoRA-wrapped policy (only ``nnx.LoRAParam`` train).
+      reference: the frozen base model the actor wraps.
+      metric_backends: factories of logging backends (``log_scalar``/``close``).
+    """
+    cache_size = config.max_prompt_length + config.max_new_tokens
+    training = rl_cluster_lib.RLTrainingConfig(
+        actor_optimizer=optimizer,
+        eval_every_n_steps=10**9,  # evaluation is jaxpost's own, after training
+        max_steps=config.total_steps,
+        mini_batch_size=config.mini_batch_size,
+        train_micro_batch_size=config.micro_batch_size,
+        checkpoint_root_directory=str(config.checkpoint_dir),
+        checkpointing_options=ocp.CheckpointManagerOptions(
+            save_interval_steps=config.save_interval_steps,
+            max_to_keep=config.max_to_keep,
+        ),
+        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+            log_dir=str(config.tensorboard_dir),
+            flush_every_n_steps=1,
+            backend_kwargs={"custom_backend": list(metric_backends)},
+        ),
+        pbar_description=None,
+    )
+    rollout = base_rollout.RolloutConfig(
+        max_tokens_to_generate=config.max_new_tokens,
+        max_prompt_length=config.max_prompt_length,
+        kv_cache_size=cache_size,
+        temperature=config.temperature,
+        top_p=config.top_p if config.top_p is not None else 1.0,
+        top_k=config.top_k,
+        eos_tokens=list(eos_ids),
+        # An int: Tunix donates a key array to the first rollout and fails on the second.
+        seed=int(config.seed),
+    )
+    cluster_config = rl_cluster_lib.ClusterConfig(
+        role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh},
+        rollout_engine="vanilla",
+        offload_to_cpu=False,
+        training_config=training,
+        rollout_config=rollout,
+    )
+    return rl_cluster_lib.RLCluster(actor=actor, reference=reference, tokenizer=tokenizer,
+                                    cluster_config=cluster_config)
+
+
+def build_grpo_learner(cluster, config: Any, reward_fns: list[Callable]):
+    """Tunix's GRPO learner with G, mu, beta and epsilon from ``config``."""
+    algo = grpo_learner.GRPOConfig(
+        num_generations=config.num_generations,
+        num_iterations=config.num_iterations,
+        beta=config.beta,
+        epsilon=config.epsilon,
+    )
+    return grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns)
+
+
+def actor_checkpoint_dir(checkpoint_dir) -> str:
+    """Where Tunix's trainer writes the actor's checkpoints under ``checkpoint_dir``."""
+    import os
+
+    return os.path.join(str(checkpoint_dir), "actor")
+
+
+def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
+    """The newest finished checkpoint step under ``checkpoint_dir`` (None if there is none).
+
+    Orbax writes each step into a temporary directory and renames it when complete,
+    so only finished checkpoints are listed.
+    """
+    import os
+
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    with ocp.CheckpointManager(checkpoint_dir) as manager:
+        return manager.latest_step()
+
+
+def restore_lora_params(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:
+    """Reads the LoRA parameters of a checkpoint as a nested dict of numpy arrays.
+
+    Returns:
+      ``(step, params)``; ``step`` is the latest one when not given.
+
+    Raises:
+      FileNotFoundError: when the directory holds no finished checkpoint.
+    """
+    import os
+
+    if step is None:
+        step = latest_checkpoint_step(checkpoint_dir)
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir}")
+    path = os.path.join(checkpoint_dir, str(step), "model_params")
+    restored = ocp.PyTreeCheckpointer().restore(path)
+    return step, restored

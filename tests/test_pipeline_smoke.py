@@ -1,0 +1,121 @@
+"""End to end on CPU with the tiny random Gemma 3: train, checkpoint, resume, export, reload."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxpost.colab_pipeline import (
+    ColabTrainingConfig,
+    export_checkpoint,
+    prepare_colab_session,
+    quick_test,
+    run_full_pipeline,  # noqa: F401  (the acceptance import list)
+    train_grpo,
+)
+from jaxpost.config import get_preset
+from jaxpost.export import load_lora_export
+from jaxpost.models import load_model
+from jaxpost.scoring import token_logprobs
+
+
+def _arrays(model, kind):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, kind))]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """Two GRPO steps of the smoke preset, then a resumed run to step 3."""
+    out = tmp_path_factory.mktemp("smoke_run")
+    config = dataclasses.replace(get_preset("smoke"), output_dir=str(out))
+    session = prepare_colab_session(config)
+    base_before = [x.copy() for x in _arrays(session.loaded.model, nnx.Param)]
+    lora_before = [x.copy() for x in _arrays(session.lora_model, nnx.LoRAParam)]
+    state = train_grpo(config, session)
+    return config, session, state, base_before, lora_before
+
+
+def test_lora_changed_and_base_did_not(smoke_run):
+    config, session, state, base_before, lora_before = smoke_run
+    lora_after = _arrays(state.lora_model, nnx.LoRAParam)
+    assert any(not np.array_equal(a, b) for a, b in zip(lora_before, lora_after))
+    base_after = _arrays(session.loaded.model, nnx.Param)
+    assert len(base_after) == len(base_before)
+    assert all(np.array_equal(a, b) for a, b in zip(base_before, base_after))
+
+
+def test_checkpoint_written_and_metrics_recorded(smoke_run):
+    config, _, state, _, _ = smoke_run
+    assert state.step == 2 and state.resumed_from is None
+    assert (state.checkpoint_dir / "actor" / "2").is_dir()
+    steps = [h["step"] for h in state.history]
+    assert steps == [1, 2]
+    for key in ("reward", "loss", "kl", "learning_rate", "completion_length",
+                "rewards/format_exact", "rewards/answer_match"):
+        assert key in state.history[-1], key
+
+
+def test_export_reloads_to_identical_logits(smoke_run):
+    config, session, state, _, _ = smoke_run
+    path = export_checkpoint(config, state)
+    assert {p.name for p in path.iterdir()} >= {"adapter.safetensors", "config.yaml",
+                                                "metrics.json", "README.md"}
+    fresh = load_model(config.model, seed=config.seed)
+    reloaded = load_lora_export(path, fresh)
+    text = ["Calculate 3 + 4. <reasoning>3 plus 4</reasoning><answer>7</answer>"]
+    trained = token_logprobs(session.loaded, text, model=state.lora_model)[0]
+    again = token_logprobs(fresh, text, model=reloaded)[0]
+    np.testing.assert_allclose(trained, again, rtol=0, atol=1e-5)
+    base = token_logprobs(fresh, text)[0]
+    assert np.abs(trained - base).max() > 1e-6  # the adapters do change the model
+
+
+def test_resume_continues_from_latest_checkpoint(smoke_run, capsys):
+    config, session, _, _, _ = smoke_run
+    longer = dataclasses.replace(config, max_steps=3)
+    with pytest.raises(ValueError, match="needs 3"):
+        train_grpo(longer, session)  # its data was prepared for 2 steps
+    state = train_grpo(longer, prepare_colab_session(longer))
+    out = capsys.readouterr().out
+    assert "resuming from checkpoint step 2" in out
+    assert state.resumed_from == 2 and state.step == 3
+    assert (state.checkpoint_dir / "actor" / "3").is_dir()
+    assert [h["step"] for h in state.history] == [1, 2, 3]
+
+
+def test_quick_test_answers(smoke_run):
+    config, session, state, _, _ = smoke_run
+    answer = quick_test(config, session, "Calculate 1 + 1.", trainer_state=state)
+    assert isinstance(answer, str)
+
+
+def test_cli_train_then_resume(tmp_path):
+    """The acceptance commands: two steps, then three with the same output_dir."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jaxpost.cli", "train", "--preset", "smoke",
+           "--set", f"output_dir={out}"]
+    first = subprocess.run(cmd + ["--set", "max_steps=2"], capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "mean reward of the first steps" in first.stdout
+    second = subprocess.run(cmd + ["--set", "max_steps=3"], capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from checkpoint step 2" in second.stdout
+    assert (out / "checkpoints" / "actor" / "3").is_dir()
+    assert (out / "export" / "adapter.safetensors").is_file()
+
+
+def test_bad_config_fails_before_loading_anything():
+    with pytest.raises(ValueError, match="num_generations"):
+        ColabTrainingConfig(num_generations=1)
+    r = subprocess.run([sys.executable, "-m", "jaxpost.cli", "train", "--set", "learnig_rate=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "did you mean 'learning_rate'" in r.stderr
