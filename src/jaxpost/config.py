@@ -132,7 +132,7 @@ class ColabTrainingConfig:
     temperature: float = 0.9
     top_k: int | None = 50
     top_p: float | None = 1.0
-    max_prompt_length: int = 96
+    max_prompt_length: int = 64
     max_new_tokens: int = 64
 
     learning_rate: float = 3e-5
@@ -434,7 +434,9 @@ def smoke_config() -> ColabTrainingConfig:
 
 
 def colab_tpu_config() -> ColabTrainingConfig:
-    """Gemma 3 1B-IT from Kaggle on GSM8K, settings of Tunix's GRPO demo, Colab TPU.
+    """Gemma 3 1B-IT from Kaggle on GSM8K, settings of Tunix's GRPO demo, Colab TPU v2-8.
+
+    The v2-8's eight cores (8 GiB each) form a mesh of fsdp=2 x tp=4.
 
     Reproduce: `jaxpost train --preset colab_tpu`
     """
@@ -445,7 +447,16 @@ def colab_tpu_config() -> ColabTrainingConfig:
         top_k=50, top_p=1.0, max_prompt_length=256, max_new_tokens=768,
         learning_rate=3e-6, warmup_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.99,
         max_grad_norm=0.1, batch_size=1, num_batches=3738, save_interval_steps=500,
-        max_to_keep=4, save_to_drive=True, output_dir="runs/colab_tpu")
+        max_to_keep=4, save_to_drive=True, output_dir="runs/colab_tpu", mesh_fsdp=2, mesh_tp=4)
+
+
+def colab_tpu_v5e1_config() -> ColabTrainingConfig:
+    """colab_tpu on Colab's single-chip TPU v5e-1 (16 GiB): one device, no sharding.
+
+    Reproduce: `jaxpost train --preset colab_tpu_v5e1`
+    """
+    return dataclasses.replace(colab_tpu_config(), mesh_fsdp=1, mesh_tp=1,
+                               output_dir="runs/colab_tpu_v5e1")
 
 
 def kaggle_tpu_config() -> ColabTrainingConfig:
@@ -458,11 +469,31 @@ def kaggle_tpu_config() -> ColabTrainingConfig:
         batch_size=4, mini_batch_size=4)
 
 
+def gpu_config() -> ColabTrainingConfig:
+    """colab_tpu's recipe on one GPU of about 16 GB (Colab or Kaggle T4): 512 new tokens.
+
+    Reproduce: `jaxpost train --preset gpu`
+    """
+    return dataclasses.replace(colab_tpu_config(), max_new_tokens=512, mesh_fsdp=1, mesh_tp=1,
+                               output_dir="runs/gpu")
+
+
+def cpu_config() -> ColabTrainingConfig:
+    """The default preset under its platform's name: embedded Gemma 3 270M, minutes on a CPU.
+
+    Reproduce: `jaxpost train --preset cpu`
+    """
+    return default_config()
+
+
 PRESETS: dict[str, Callable[[], ColabTrainingConfig]] = {
     "default": default_config,
     "smoke": smoke_config,
     "colab_tpu": colab_tpu_config,
+    "colab_tpu_v5e1": colab_tpu_v5e1_config,
     "kaggle_tpu": kaggle_tpu_config,
+    "gpu": gpu_config,
+    "cpu": cpu_config,
 }
 
 

@@ -1,0 +1,34 @@
+"""GRPO really optimises the reward: a tiny model learns a simple preference in a few steps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxpost.colab_pipeline import prepare_colab_session, train_grpo
+from jaxpost.config import get_preset
+from jaxpost.rewards import REWARDS, register_reward
+
+
+def starts_with_space(prompts, completions, **kwargs):
+    """1.0 when the completion's text starts with a space, else 0.0. Range {0, 1}.
+
+    About a third of Gemma's vocabulary starts with a space, so a random model earns
+    some reward from the start and GRPO's group advantages have a signal to follow.
+    """
+    return [1.0 if c.startswith(" ") else 0.0 for c in completions]
+
+
+def test_mean_reward_rises(tmp_path):
+    if "starts_with_space" not in REWARDS:
+        register_reward("starts_with_space", starts_with_space)
+    config = dataclasses.replace(
+        get_preset("smoke"), output_dir=str(tmp_path), reward_functions=("starts_with_space",),
+        max_steps=30, batch_size=2, num_generations=8, max_new_tokens=2, beta=0.0,
+        learning_rate=5e-2, warmup_ratio=0.0, max_grad_norm=1.0, save_interval_steps=100,
+        max_examples=64, seed=3)
+    state = train_grpo(config, prepare_colab_session(config))
+    rewards = [h["reward"] for h in state.history]
+    assert len(rewards) == 30
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    print("rewards by step:", [round(r, 3) for r in rewards])
+    assert last > first + 0.15, rewards  # measured: 0.62 -> 0.85
