@@ -82,6 +82,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``jaxpost`` subcommand."""
+    from jaxpost.config import PRESETS
+
     parser = argparse.ArgumentParser(
         prog="jaxpost", description="JAX-native GRPO post-training for models that show their work.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with GRPO, checkpoint, export and quick-test "
                                      "(resumes when output_dir holds a checkpoint)")
     t.add_argument("--preset", default="default",
-                   help="named preset: default, smoke, colab_tpu, kaggle_tpu")
+                   help=f"named preset: {', '.join(PRESETS)}")
     t.add_argument("--config", default=None, help="a YAML file of config fields (over the preset)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one config field (repeatable), e.g. --set max_steps=20")
@@ -129,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"jaxpost {args.command}: error: {e}", file=sys.stderr)
+        from jaxpost.credentials import redact
+
+        # Errors from hub clients can quote a request; never let a token through.
+        print(f"jaxpost {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

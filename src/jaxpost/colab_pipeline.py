@@ -2,41 +2,77 @@
 
     Config -> Session -> TrainerState -> exported checkpoint
 
-This module is a thin facade over ``config``, ``session``, ``train`` and ``export``;
-the notebook (``demo/train_colab.ipynb``) and ``jaxpost train`` call only these.
+This module is a thin facade over ``config``, ``platform``, ``credentials``, ``session``,
+``train``, ``export`` and ``plots``; the notebook (``demo/train_colab.ipynb``) and
+``jaxpost train`` call only these.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-from jaxpost.config import ColabTrainingConfig, describe, get_preset
+from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
+from jaxpost.credentials import Credentials, resolve_credentials
 from jaxpost.export import export_checkpoint
+from jaxpost.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
+from jaxpost.plots import show_training_curves
 from jaxpost.session import ColabSession
 from jaxpost.train import TrainerState, train_grpo
 
 __all__ = [
     "ColabTrainingConfig",
     "ColabSession",
+    "Credentials",
+    "PlatformInfo",
     "TrainerState",
+    "describe",
+    "detect_platform",
     "get_preset",
+    "make_config",
+    "resolve_credentials",
     "prepare_colab_session",
     "train_grpo",
     "export_checkpoint",
     "quick_test",
     "run_full_pipeline",
+    "show_training_curves",
 ]
 
 DEFAULT_TEST_QUESTION = "Calculate 7 + 5."
 
 
-def prepare_colab_session(config: ColabTrainingConfig, *, credentials=None) -> ColabSession:
+def make_config(preset: str = "auto", platform: PlatformInfo | None = None,
+                **settings) -> ColabTrainingConfig:
+    """The notebook's config: a preset, the settings given over it, and where it writes.
+
+    Args:
+      preset: a preset name (``jaxpost.config.PRESETS``), or ``"auto"`` for the one sized
+        for the detected platform, with its mesh and memory defaults
+        (``jaxpost.platform.auto_config``).
+      platform: the detected platform (default: detected now).
+      settings: config fields; a value may be typed or a string in ``--set`` syntax
+        (``"20"``, ``"true"``, ``"none"``); an empty string keeps the preset's value.
+
+    Returns:
+      The config, with ``output_dir`` on Google Drive when ``save_to_drive`` is set on
+      Colab (``jaxpost.platform.resolve_output_dir``).
+    """
+    platform = platform or detect_platform()
+    base = auto_config(platform) if preset == "auto" else get_preset(preset)
+    config = from_dict({k: v for k, v in settings.items() if v != ""}, base=base)
+    return dataclasses.replace(config, output_dir=resolve_output_dir(config, platform=platform))
+
+
+def prepare_colab_session(config: ColabTrainingConfig, *,
+                          credentials: Credentials | None = None) -> ColabSession:
     """Loads the model, tokenizer, LoRA model and data for ``config``.
 
     Args:
       config: the run's configuration.
-      credentials: hub credentials kept in the session (never in the config).
+      credentials: hub credentials kept in the session (never in the config); default:
+        ``resolve_credentials()`` (Colab secrets, Kaggle secrets, environment).
     """
     from jaxpost.session import prepare_session
 
@@ -76,7 +112,7 @@ def _first_eval_question(session: ColabSession) -> str | None:
     return str(session.eval_dataset[0]["question"][0])
 
 
-def run_full_pipeline(config: ColabTrainingConfig, *, credentials=None
+def run_full_pipeline(config: ColabTrainingConfig, *, credentials: Credentials | None = None
                       ) -> tuple[ColabSession, TrainerState, Path]:
     """Prepares, trains (resuming if a checkpoint exists), exports and quick-tests.
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from jaxpost.mesh import use_mesh
 from jaxpost import cache
+from jaxpost.credentials import WHERE_TO_ADD
 
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -84,8 +85,8 @@ def hf_download(repo_id: str, *, token: str | None = None, endpoint: str | None 
         raise PermissionError(
             f"Hugging Face repo {repo_id!r} is gated: accept its terms at "
             f"https://huggingface.co/{repo_id} while logged in, then set the HF_TOKEN secret "
-            "(Colab: Secrets panel; elsewhere: environment variable) to a read token of that "
-            "account" + (" (the token in use has no access yet)" if has_token else "")) from None
+            f"to a read token of that account ({WHERE_TO_ADD})"
+            + (" (the token in use has no access yet)" if has_token else "")) from None
     except RepositoryNotFoundError:
         raise ValueError(
             f"Hugging Face repo {repo_id!r} was not found: check the spelling at "
@@ -208,8 +209,8 @@ def kaggle_download(km: KaggleModel) -> Path:
     import requests
     from kagglehub import exceptions as kx
 
-    creds = ("set the KAGGLE_USERNAME and KAGGLE_KEY secrets (Colab: Secrets panel; "
-             "elsewhere: environment variables, or ~/.kaggle/kaggle.json)")
+    creds = (f"set the KAGGLE_USERNAME and KAGGLE_KEY secrets ({WHERE_TO_ADD}; or "
+             "~/.kaggle/kaggle.json)")
     try:
         return Path(kagglehub.model_download(km.handle))
     except (kx.UnauthenticatedError, kx.CredentialError):

@@ -36,11 +36,14 @@ class ColabSession:
 
     def summary(self) -> str:
         """One line: platform, devices, mesh, model, parameter and LoRA parameter counts."""
-        from jaxpost.mesh import describe_mesh
+        from jaxpost.platform import detect_platform
 
+        mesh = self.loaded.mesh
+        platform = detect_platform(mesh.devices.flatten())
+        sizes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
         base = count_params(self.loaded.model)
         lora = count_params(self.lora_model, nnx.LoRAParam)
-        return (f"{describe_mesh(self.loaded.mesh)} | model {self.loaded.source} "
+        return (f"{platform.describe()} | mesh {sizes} | model {self.loaded.source} "
                 f"({self.loaded.family}, {base / 1e6:.1f}M params) | LoRA {lora / 1e6:.2f}M "
                 f"trainable params")
 
@@ -69,15 +72,27 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
 
     Args:
       config: the run's configuration.
-      credentials: hub credentials (kept in the session only).
+      credentials: hub credentials (kept in the session only, and exported to the
+        environment for huggingface_hub and kagglehub); default: looked up with
+        ``jaxpost.credentials.resolve_credentials()``.
       loaded: an already loaded base model to reuse (must match ``config.model``).
+
+    Raises:
+      PermissionError: a gated model without the credentials it needs, naming them.
     """
+    from jaxpost.credentials import check_model_access, resolve_credentials
     from jaxpost.data import prepare_datasets
     from jaxpost.lora import apply_lora
     from jaxpost.prompts import resolve_chat_template
     from jaxpost.rewards import create_reward_functions
 
     t0 = time.time()
+    credentials = resolve_credentials() if credentials is None else credentials
+    credentials.apply_to_environment()
+    for note in credentials.notes:
+        print(f"jaxpost: {note}", flush=True)
+    if loaded is None:
+        check_model_access(config.model, credentials)
     template = resolve_chat_template(config.model, config.chat_template)
     reward_fns = create_reward_functions(config)
     train_ds, eval_ds = prepare_datasets(config)
