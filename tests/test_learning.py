@@ -23,12 +23,12 @@ def test_mean_reward_rises(tmp_path):
         register_reward("starts_with_space", starts_with_space)
     config = dataclasses.replace(
         get_preset("smoke"), output_dir=str(tmp_path), reward_functions=("starts_with_space",),
-        max_steps=30, batch_size=2, num_generations=8, max_new_tokens=2, beta=0.0,
+        max_steps=60, batch_size=4, num_generations=8, max_new_tokens=2, beta=0.0,
         learning_rate=5e-2, warmup_ratio=0.0, max_grad_norm=1.0, save_interval_steps=100,
         max_examples=64, seed=3)
     state = train_grpo(config, prepare_colab_session(config))
     rewards = [h["reward"] for h in state.history]
-    assert len(rewards) == 30
+    assert len(rewards) == 60
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     print("rewards by step:", [round(r, 3) for r in rewards])
-    assert last > first + 0.15, rewards  # measured: 0.62 -> 0.85
+    assert last > first + 0.15, rewards  # measured: 0.58 -> 0.98

@@ -92,3 +92,21 @@ def building_entry(directory: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def enable_compilation_cache() -> Path:
+    """Keeps XLA's compiled programs under ``<cache root>/xla`` across processes.
+
+    Compiling the GRPO step of the 270M model takes over a minute on two CPU cores; a
+    rerun (a resumed Colab session, a second ``jaxpost train``) then loads it instead.
+    Set ``JAXPOST_COMPILATION_CACHE=0`` to turn this off.
+    """
+    import jax
+
+    path = cache_root() / "xla"
+    if os.environ.get("JAXPOST_COMPILATION_CACHE", "1") == "0":
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    return path

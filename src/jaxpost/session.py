@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from jaxpost.cache import enable_compilation_cache
 from jaxpost.config import ColabTrainingConfig
 from jaxpost.models import LoadedModel, count_params, load_model
 
@@ -87,6 +88,7 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     from jaxpost.rewards import create_reward_functions
 
     t0 = time.time()
+    enable_compilation_cache()
     credentials = resolve_credentials() if credentials is None else credentials
     credentials.apply_to_environment()
     for note in credentials.notes:

@@ -13,12 +13,76 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from tunix.rl import algo_core, common, function_registry
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger
 
 Role = rl_cluster_lib.Role
+
+# Name under which jaxpost's memory-lean GRPO loss is registered with Tunix.
+CHUNKED_GRPO_LOSS = "jaxpost_grpo_chunked"
+
+
+def grpo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwargs):
+    """Tunix's GRPO loss (its ``grpo_loss_fn``), with log-probs computed in chunks.
+
+    Tunix materialises ``[batch, completion, vocab]`` logits (and a second copy for the
+    entropy); with a 262k vocabulary that is most of a step's memory. This computes the
+    same per-token log-probabilities with :func:`jaxpost.fast_logits.completion_logps`
+    and then applies Tunix's objective unchanged: the clipped ratio (epsilon, and
+    epsilon_high when set), the KL penalty beta * KL(policy || reference) with Tunix's
+    estimator, and its loss aggregation. Models without trimmed-logit support use
+    Tunix's own loss. A test checks that loss and gradients match Tunix's.
+    """
+    from jaxpost.fast_logits import Gemma3TrimmedLogits, completion_logps
+
+    tunix_only = (getattr(train_example, "segment_ids", None) is not None
+                  or getattr(train_example, "sampler_is_weights", None) is not None
+                  or getattr(algo_config, "epsilon_c", None) is not None
+                  or algo_config.loss_algo != "grpo")
+    if not isinstance(model, Gemma3TrimmedLogits) or tunix_only:
+        return algo_core.grpo_loss_fn(model, train_example, algo_config, pad_id, eos_id,
+                                      **kwargs)
+    import jax.numpy as jnp
+
+    mask = train_example.completion_mask
+    mode = algo_config.loss_agg_mode
+    eps_low = algo_config.epsilon
+    eps_high = getattr(algo_config, "epsilon_high", None) or eps_low
+    logps, entropy = completion_logps(model, train_example.prompt_ids,
+                                      train_example.completion_ids, pad_id,
+                                      temperature=algo_config.temperature)
+    if train_example.old_per_token_logps is None:
+        old = jax.lax.stop_gradient(logps)
+    else:
+        old = train_example.old_per_token_logps.astype(jnp.float32)
+    log_ratio = jnp.clip(logps - old, min=-20.0, max=20.0)
+    ratio = jnp.exp(log_ratio)
+    adv = train_example.advantages.astype(jnp.float32)
+    adv = adv if adv.ndim == 2 else adv[:, None]
+    pg1 = -adv * ratio
+    pg2 = -adv * jnp.clip(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = jnp.maximum(pg1, pg2)
+    loss = common.aggregate_loss(per_token, mask, mode)
+    aux = {
+        "kl": 0.0,
+        "pg_loss": loss,
+        "pg_clipfrac": algo_core.masked_mean(jnp.greater(pg2, pg1), mask),
+        "entropy": common.aggregate_loss(entropy, mask, mode),
+    }
+    if train_example.ref_per_token_logps is not None:
+        kl = common.compute_kl_divergence(logps, train_example.ref_per_token_logps,
+                                          algo_config.kl_loss_mode,
+                                          clamp_value=algo_config.kl_clamp_value)
+        aux["kl"] = (kl * mask).sum() / jnp.clip(mask.sum(), min=1)
+        if algo_config.beta:
+            loss = loss + algo_config.beta * common.aggregate_loss(kl, mask, mode)
+    return loss, aux
+
+
+function_registry.register_policy_loss_fn(CHUNKED_GRPO_LOSS)(grpo_loss_chunked)
 
 
 def build_cluster(
@@ -90,6 +154,7 @@ def build_grpo_learner(cluster, config: Any, reward_fns: list[Callable]):
         num_iterations=config.num_iterations,
         beta=config.beta,
         epsilon=config.epsilon,
+        policy_loss_fn=CHUNKED_GRPO_LOSS,
     )
     return grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns)
 
