@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from jaxpost.colab_pipeline import prepare_colab_session, train_grpo
 from jaxpost.config import get_preset
 from jaxpost.rewards import REWARDS, register_reward
@@ -18,11 +20,16 @@ def starts_with_space(prompts, completions, **kwargs):
     return [1.0 if c.startswith(" ") else 0.0 for c in completions]
 
 
-def test_mean_reward_rises(tmp_path):
-    if "starts_with_space" not in REWARDS:
-        register_reward("starts_with_space", starts_with_space)
+@pytest.fixture
+def space_reward():
+    register_reward("starts_with_space", starts_with_space)
+    yield "starts_with_space"
+    del REWARDS["starts_with_space"]  # the registry is global: leave it as found
+
+
+def test_mean_reward_rises(tmp_path, space_reward):
     config = dataclasses.replace(
-        get_preset("smoke"), output_dir=str(tmp_path), reward_functions=("starts_with_space",),
+        get_preset("smoke"), output_dir=str(tmp_path), reward_functions=(space_reward,),
         max_steps=60, batch_size=4, num_generations=8, max_new_tokens=2, beta=0.0,
         learning_rate=5e-2, warmup_ratio=0.0, max_grad_norm=1.0, save_interval_steps=100,
         max_examples=64, seed=3)
