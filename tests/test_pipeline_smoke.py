@@ -96,16 +96,16 @@ def test_quick_test_answers(smoke_run):
 
 
 def test_cli_train_then_resume(tmp_path):
-    """The acceptance commands: two steps, then three with the same output_dir."""
+    """The acceptance commands: two steps, then three with the same (relative) output_dir."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "jaxpost.cli", "train", "--preset", "smoke",
-           "--set", f"output_dir={out}"]
+           "--set", "output_dir=run"]
     first = subprocess.run(cmd + ["--set", "max_steps=2"], capture_output=True, text=True,
-                           timeout=900)
+                           timeout=900, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "mean reward of the first steps" in first.stdout
     second = subprocess.run(cmd + ["--set", "max_steps=3"], capture_output=True, text=True,
-                            timeout=900)
+                            timeout=900, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from checkpoint step 2" in second.stdout
     assert (out / "checkpoints" / "actor" / "3").is_dir()

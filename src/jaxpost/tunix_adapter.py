@@ -6,6 +6,7 @@ keeping the imports here means an upgrade changes one file. Pinned: google-tunix
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -113,13 +114,14 @@ def build_cluster(
         max_steps=config.total_steps,
         mini_batch_size=config.mini_batch_size,
         train_micro_batch_size=config.micro_batch_size,
-        checkpoint_root_directory=str(config.checkpoint_dir),
+        # Orbax refuses relative paths; output_dir may well be "runs/default".
+        checkpoint_root_directory=os.path.abspath(config.checkpoint_dir),
         checkpointing_options=ocp.CheckpointManagerOptions(
             save_interval_steps=config.save_interval_steps,
             max_to_keep=config.max_to_keep,
         ),
         metrics_logging_options=metrics_logger.MetricsLoggerOptions(
-            log_dir=str(config.tensorboard_dir),
+            log_dir=os.path.abspath(config.tensorboard_dir),
             flush_every_n_steps=1,
             backend_kwargs={"custom_backend": list(metric_backends)},
         ),
@@ -163,7 +165,7 @@ def actor_checkpoint_dir(checkpoint_dir) -> str:
     """Where Tunix's trainer writes the actor's checkpoints under ``checkpoint_dir``."""
     import os
 
-    return os.path.join(str(checkpoint_dir), "actor")
+    return os.path.join(os.path.abspath(checkpoint_dir), "actor")
 
 
 def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
