@@ -135,7 +135,7 @@ class ColabTrainingConfig:
     max_prompt_length: int = 64
     max_new_tokens: int = 64
 
-    learning_rate: float = 3e-5
+    learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9
