@@ -7,7 +7,9 @@ every export trivially equal to the base model).
 from __future__ import annotations
 
 import functools
+import http.server
 import json
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +179,80 @@ def test_other_families_and_bad_lora_are_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="incomplete"):
         hf_export.merge_lora(hf_export.base_params(loaded), half, alpha=ALPHA)
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """The three Hub endpoints create_repo + upload_folder use; records what it got."""
+
+    calls: list = []
+
+    def _reply(self, body: dict, code: int = 200):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.calls.append((self.path, self.headers.get("Authorization"), body))
+        if self.headers.get("Authorization") != "Bearer hf_writeTOKEN123":
+            return self._reply({"error": "Invalid credentials"}, 401)
+        if self.path == "/api/repos/create":
+            return self._reply({"url": f"http://{self.headers['Host']}/me/run"})
+        if self.path == "/api/validate-yaml":  # the README's model-card metadata
+            return self._reply({"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular",
+                                           "shouldIgnore": False} for f in files]})
+        if "/commit/" in self.path:
+            return self._reply({"commitUrl": f"http://{self.headers['Host']}/me/run/commit/" + "1" * 40,
+                                "commitOid": "1" * 40})
+        return self._reply({"error": "unexpected"}, 404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    _FakeHub.calls = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_push_to_hub_creates_a_private_repo_and_uploads_every_file(peft_dir, fake_hub,
+                                                                   monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_writeTOKEN123")  # read through jaxpost.credentials
+    url = hf_export.push_to_hub(peft_dir, "me/run", endpoint=fake_hub)
+    assert url == f"{fake_hub}/me/run"
+    paths = [c[0] for c in _FakeHub.calls if c[0] != "/api/validate-yaml"]
+    assert paths[0] == "/api/repos/create" and paths[-1] == "/api/models/me/run/commit/main"
+    create = json.loads(_FakeHub.calls[0][2])
+    assert create["name"] == "run" and create["organization"] == "me" and create["visibility"] == "private"
+    commit = [json.loads(line) for line in _FakeHub.calls[-1][2].splitlines()]
+    uploaded = {c["value"]["path"] for c in commit if c["key"] == "file"}
+    assert uploaded == {p.name for p in peft_dir.iterdir()}
+    assert "hf_writeTOKEN123" not in capsys.readouterr().out
+
+
+def test_push_to_hub_refuses_bad_input_and_hides_the_token(peft_dir, fake_hub, monkeypatch,
+                                                          tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="repo_id='no-slash'"):
+        hf_export.push_to_hub(peft_dir, "no-slash", token="x")
+    with pytest.raises(ValueError, match="not an export directory"):
+        hf_export.push_to_hub(tmp_path, "me/run", token="x")
+    with pytest.raises(PermissionError, match="HF_TOKEN"):
+        hf_export.push_to_hub(peft_dir, "me/run", endpoint=fake_hub)
+    assert _FakeHub.calls == []  # all refused before any request
+    with pytest.raises(PermissionError, match="HTTP 401") as e:
+        hf_export.push_to_hub(peft_dir, "me/run", token="hf_wrongSECRET999", endpoint=fake_hub)
+    assert "hf_wrongSECRET999" not in str(e.value)
+    assert _FakeHub.calls[0][1] == "Bearer hf_wrongSECRET999"

@@ -44,6 +44,7 @@ PEFT_ADAPTER_FILE = "adapter_model.safetensors"
 HF_MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
 FORMATS = ("lora", "peft", "merged", "gguf")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 # Base model of the embedded GGUF (a Q4_K_M quantisation of Google's Gemma 3 270M).
 EMBEDDED_BASE_REPOS = {"embedded:gemma3-270m": "google/gemma-3-270m"}
@@ -394,9 +395,20 @@ def write_record(tmp: Path, config=None, metrics: Mapping[str, Any] | None = Non
     (tmp / EXPORT_METRICS).write_text(json.dumps(dict(metrics or {}), indent=2, default=float))
 
 
+def _card_metadata(**fields: str) -> str:
+    """A model card's YAML front matter (the Hub reads library and base model from it)."""
+    lines = [f"{k}: {v}" for k, v in fields.items() if v]
+    return "---\n" + "\n".join(lines) + "\n---\n\n"
+
+
+def _hub_id(name: str) -> str:
+    return name if _REPO_ID.fullmatch(name) else ""
+
+
 def _peft_readme(path: Path, base: str) -> str:
     return (
-        "# jaxpost PEFT (LoRA) adapters\n\n"
+        _card_metadata(library_name="peft", base_model=_hub_id(base), pipeline_tag="text-generation")
+        + "# jaxpost PEFT (LoRA) adapters\n\n"
         f"Adapters for `{base}` in Hugging Face PEFT format.\n\n"
         "    import torch\n"
         "    from peft import PeftModel\n"
@@ -412,7 +424,8 @@ def _peft_readme(path: Path, base: str) -> str:
 
 def _merged_readme(path: Path) -> str:
     return (
-        "# jaxpost merged model (Hugging Face format)\n\n"
+        _card_metadata(library_name="transformers", pipeline_tag="text-generation")
+        + "# jaxpost merged model (Hugging Face format)\n\n"
         "The LoRA adapters are merged into the base weights (float32).\n\n"
         "transformers:\n\n"
         "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -554,8 +567,6 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
     return write_gguf_export(loaded, out, lora=lora, alpha=config.lora_alpha,
                              gguf_type=gguf_type, config=config, metrics=metrics)
 
-
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def push_to_hub(export_dir: str | os.PathLike, repo_id: str, token: str | None = None,
