@@ -256,3 +256,38 @@ def test_push_to_hub_refuses_bad_input_and_hides_the_token(peft_dir, fake_hub, m
         hf_export.push_to_hub(peft_dir, "me/run", token="hf_wrongSECRET999", endpoint=fake_hub)
     assert "hf_wrongSECRET999" not in str(e.value)
     assert _FakeHub.calls[0][1] == "Bearer hf_wrongSECRET999"
+
+
+def test_cli_converts_a_lora_export(tiny, tmp_path, capsys):
+    """``jaxpost export LORA_DIR --format peft|merged`` (a LoRA export of the tiny model)."""
+    import dataclasses
+
+    from jaxpost import cli
+    from jaxpost.config import get_preset
+    from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG
+
+    loaded, arrays, want = tiny
+    config = dataclasses.replace(get_preset("smoke"), lora_rank=RANK, lora_alpha=ALPHA, seed=0,
+                                 dtype="float32")
+    lora_dir = tmp_path / "export"
+    lora_dir.mkdir()
+    from jaxpost.config import save_yaml
+    from safetensors.numpy import save_file
+
+    save_file(arrays, str(lora_dir / ADAPTER_FILE))
+    save_yaml(config, str(lora_dir / EXPORT_CONFIG))
+    assert cli.main(["export", str(lora_dir), "--format", "peft"]) == 0
+    peft = tmp_path / "export-peft"
+    assert str(peft) in capsys.readouterr().out
+    assert {p.name for p in peft.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.json",
+        "README.md"}
+    got = load_file(str(peft / hf_export.PEFT_ADAPTER_FILE))
+    expected = hf_export.peft_tensors(arrays, loaded.model_config)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert cli.main(["export", str(lora_dir), "--format", "merged", "--out",
+                     str(tmp_path / "m")]) == 0
+    back = load_model(str(tmp_path / "m"), show_progress=False)
+    np.testing.assert_allclose(logits_of(back, back.model), want, rtol=0, atol=1e-4)
+    assert cli.main(["export", str(tmp_path / "nothing"), "--format", "gguf"]) == 2
+    assert "RUN_DIR must be" in capsys.readouterr().err

@@ -569,6 +569,64 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
 
 
 
+def is_lora_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a LoRA export directory (adapter + config), not a training run."""
+    from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG
+
+    return (Path(path) / ADAPTER_FILE).is_file() and (Path(path) / EXPORT_CONFIG).is_file()
+
+
+def export_run(run_dir: str | os.PathLike, fmt: str = "lora",
+               out_dir: str | os.PathLike | None = None, *, gguf_type: str = "f16") -> Path:
+    """Exports a training run, or converts a LoRA export, into ``fmt``.
+
+    Args:
+      run_dir: a training output dir (``config.yaml`` + checkpoints) or a LoRA export
+        directory (``adapter.safetensors`` + ``config.yaml``).
+      fmt: ``"lora"`` (jaxpost's own adapters), ``"peft"``, ``"merged"`` or ``"gguf"``.
+      out_dir: the export directory. Default: ``RUN_DIR/export`` for ``lora`` (the run's
+        ``export_dir``) and ``<lora export>-<fmt>`` beside the LoRA export otherwise.
+      gguf_type: ``"f16"`` or ``"q8_0"`` (GGUF only).
+
+    A training run is first exported as LoRA (its latest checkpoint, into the run's
+    ``export_dir`` unless ``fmt`` is ``lora`` and ``out_dir`` is given), so every other
+    format is built from that record.
+
+    Raises:
+      ValueError: an unknown ``fmt`` or ``gguf_type`` (before any work).
+      FileNotFoundError: ``run_dir`` is neither a run nor a LoRA export.
+    """
+    from jaxpost.gguf_export import GGUF_TYPES
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is invalid: use one of {list(FORMATS)}")
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf_type={gguf_type!r} is invalid: use one of {list(GGUF_TYPES)}")
+    path = Path(run_dir)
+    if is_lora_export(path):
+        lora_dir = path
+        if fmt == "lora":
+            if out_dir is None or Path(out_dir).resolve() == path.resolve():
+                return path
+            with atomic_dir(Path(out_dir)) as tmp:
+                shutil.copytree(path, tmp, dirs_exist_ok=True)
+            return Path(out_dir)
+    else:
+        from jaxpost.config import load_yaml
+        from jaxpost.export import export_checkpoint
+        from jaxpost.train import CONFIG_FILE
+
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path / CONFIG_FILE} is missing: RUN_DIR must be the "
+                                    "output_dir of a jaxpost train run or a LoRA export "
+                                    "directory (adapter.safetensors + config.yaml)")
+        config = load_yaml(str(path / CONFIG_FILE))
+        lora_dir = export_checkpoint(config, out_dir=out_dir if fmt == "lora" else None)
+        if fmt == "lora":
+            return lora_dir
+    return export_from_lora_dir(lora_dir, fmt, out_dir, gguf_type=gguf_type)
+
+
 def push_to_hub(export_dir: str | os.PathLike, repo_id: str, token: str | None = None,
                 private: bool = True, *, endpoint: str | None = None) -> str:
     """Uploads an export directory to a Hugging Face model repository.
