@@ -417,9 +417,9 @@ def _peft_readme(path: Path, base: str) -> str:
         f"    model = PeftModel.from_pretrained(base, \"{path}\")\n"
         "    model = model.merge_and_unload()  # optional: a plain transformers model\n\n"
         "`config.yaml` is the training config, `metrics.json` its final metrics.\n"
-        "The embedded jaxpost model is a Q4_K_M quantisation of google/gemma-3-270m; to\n"
-        "reproduce jaxpost's numbers exactly, apply the adapters to the base exported by\n"
-        "`jaxpost export RUN_DIR --format merged` of an untrained run, or use the merged export.\n")
+        "jaxpost's embedded model is a Q4_K_M quantisation of google/gemma-3-270m; to\n"
+        "reproduce its numbers exactly, load as `base` the dequantized Hugging Face directory\n"
+        "`jaxpost.models.embedded_model_dir()`, or use `jaxpost export --format merged`.\n")
 
 
 def _merged_readme(path: Path) -> str:
