@@ -208,7 +208,8 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
             return self._reply({"files": [{"path": f["path"], "uploadMode": "regular",
                                            "shouldIgnore": False} for f in files]})
         if "/commit/" in self.path:
-            return self._reply({"commitUrl": f"http://{self.headers['Host']}/me/run/commit/" + "1" * 40,
+            host = self.headers["Host"]
+            return self._reply({"commitUrl": f"http://{host}/me/run/commit/{'1' * 40}",
                                 "commitOid": "1" * 40})
         return self._reply({"error": "unexpected"}, 404)
 
@@ -235,7 +236,8 @@ def test_push_to_hub_creates_a_private_repo_and_uploads_every_file(peft_dir, fak
     paths = [c[0] for c in _FakeHub.calls if c[0] != "/api/validate-yaml"]
     assert paths[0] == "/api/repos/create" and paths[-1] == "/api/models/me/run/commit/main"
     create = json.loads(_FakeHub.calls[0][2])
-    assert create["name"] == "run" and create["organization"] == "me" and create["visibility"] == "private"
+    assert (create["name"], create["organization"]) == ("run", "me")
+    assert create["visibility"] == "private"
     commit = [json.loads(line) for line in _FakeHub.calls[-1][2].splitlines()]
     uploaded = {c["value"]["path"] for c in commit if c["key"] == "file"}
     assert uploaded == {p.name for p in peft_dir.iterdir()}

@@ -44,7 +44,7 @@ _GGUF_CONTROL_PIECES = ("<mask>", "<start_of_turn>", "<end_of_turn>")
 _CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4
 
 _GEMMA_TEMPLATE = ('{{- range .Messages }}<start_of_turn>'
-                   '{{ if eq .Role "user" }}user{{ else }}model{{ end }}\n'
+                   '{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n'
                    '{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n')
 
 
@@ -116,8 +116,10 @@ def write_gguf(tensors: Mapping[str, np.ndarray], hf_cfg: Mapping[str, Any],
     if float(hf_cfg.get("rope_local_base_freq", 10000.0)) != 10000.0:
         raise ValueError(f"rope_local_base_freq={hf_cfg['rope_local_base_freq']} is not "
                          "10000, which llama.cpp's Gemma 3 assumes for sliding layers")
-    qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
-    ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+    qtype = {"f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+    ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     tok = tokenizer_fields(tokenizer_model)
     if len(tok["tokens"]) != hf_cfg["vocab_size"]:
         raise ValueError(f"the tokenizer has {len(tok['tokens'])} pieces but vocab_size is "

@@ -63,7 +63,7 @@ _LORA_AXES = {
 _LORA_NAME = re.compile(r"layers\.(\d+)\.(.+)_lora_([ab])")
 
 
-def _split_lora(lora: Mapping[str, np.ndarray]) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+def _split_lora(lora: Mapping[str, np.ndarray]) -> dict[tuple[int, str], tuple[np.ndarray, ...]]:
     """``{(layer, weight): (A, B)}`` from qwix names; ValueError for anything else."""
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, value in lora.items():
@@ -229,8 +229,9 @@ def peft_target_modules(tensors: Mapping[str, np.ndarray], num_layers: int) -> l
     else a regular expression naming exactly the adapted modules (PEFT full-matches it)."""
     found = sorted({re.sub(r"^base_model\.model\.|\.lora_[AB]\.weight$", "", k) for k in tensors})
     names = sorted({f.rsplit(".", 1)[1] for f in found})
-    every = sorted(f"model.layers.{i}.{'mlp' if m.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{m}"
-                   for i in range(num_layers) for m in names)
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    parent = {m: "mlp" if m in mlp else "self_attn" for m in names}
+    every = sorted(f"model.layers.{i}.{parent[m]}.{m}" for i in range(num_layers) for m in names)
     if found == every:
         return names
     return "(" + "|".join(re.escape(f) for f in found) + ")"
@@ -295,10 +296,12 @@ def hf_config(loaded) -> dict:
     if loaded.path is not None and (loaded.path / "config.json").is_file():
         source_cfg = json.loads((loaded.path / "config.json").read_text())
         source_cfg = source_cfg.get("text_config", source_cfg)
-    by_head = cfg.query_pre_attn_norm == gemma3.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM
+    norm_kind = gemma3.QueryPreAttentionNormalisation
+    by_head = cfg.query_pre_attn_norm == norm_kind.BY_ONE_OVER_SQRT_HEAD_DIM
     pattern = gemma3.GEMMA3_ATTENTION_PATTERN
-    layer_types = ["sliding_attention" if pattern[i % len(pattern)] == gemma3.AttentionType.LOCAL_SLIDING
-                   else "full_attention" for i in range(cfg.num_layers)]
+    local = gemma3.AttentionType.LOCAL_SLIDING
+    layer_types = ["sliding_attention" if pattern[i % len(pattern)] == local else "full_attention"
+                   for i in range(cfg.num_layers)]
     tok = loaded.tokenizer
     out = {
         "architectures": ["Gemma3ForCausalLM"],
@@ -407,7 +410,8 @@ def _hub_id(name: str) -> str:
 
 def _peft_readme(path: Path, base: str) -> str:
     return (
-        _card_metadata(library_name="peft", base_model=_hub_id(base), pipeline_tag="text-generation")
+        _card_metadata(library_name="peft", base_model=_hub_id(base),
+                       pipeline_tag="text-generation")
         + "# jaxpost PEFT (LoRA) adapters\n\n"
         f"Adapters for `{base}` in Hugging Face PEFT format.\n\n"
         "    import torch\n"
