@@ -159,6 +159,11 @@ def test_transformers_with_peft_matches_jaxpost(tiny, base_dir, peft_dir, merged
         got = model(input_ids=ids).logits[0].numpy()
     # Both sides run float32; differences are summation order only.
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    from transformers import AutoTokenizer
+
+    text = "Calculate 3 + 4. <start_of_turn>user\n<reasoning>3 plus 4</reasoning>"
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    assert tokenizer(text).input_ids == tiny[0].tokenizer.encode(text)
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), torch_dtype=torch.float32)
     with torch.no_grad():
         np.testing.assert_allclose(merged(input_ids=ids).logits[0].numpy(), want, rtol=0,

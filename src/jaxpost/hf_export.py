@@ -329,6 +329,9 @@ def hf_config(loaded) -> dict:
         "pad_token_id": int(tok.pad_id()),
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
+        # The first transformers release with Gemma 3. Without a version, transformers 5
+        # suspects a Mistral tokenizer and warns about its regex.
+        "transformers_version": "4.50.0",
     }
     if cfg.global_scale_factor != 1.0:
         out["rope_scaling"] = {"rope_type": "linear", "factor": float(cfg.global_scale_factor)}
