@@ -298,3 +298,7 @@ def test_cli_converts_a_lora_export(tiny, tmp_path, capsys):
     np.testing.assert_allclose(logits_of(back, back.model), want, rtol=0, atol=1e-4)
     assert cli.main(["export", str(tmp_path / "nothing"), "--format", "gguf"]) == 2
     assert "RUN_DIR must be" in capsys.readouterr().err
+    assert cli.main(["export", str(lora_dir), "--format", "peft", "--out", str(tmp_path / "p2"),
+                     "--push-to-hub", "bad id"]) == 2
+    assert "repo_id='bad id' is malformed" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()  # refused before exporting

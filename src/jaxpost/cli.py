@@ -35,8 +35,10 @@ def _run_config(run_dir: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from jaxpost.hf_export import export_run, push_to_hub
+    from jaxpost.hf_export import export_run, hub_write_token, push_to_hub
 
+    if args.push_to_hub:
+        hub_write_token(args.push_to_hub)  # a bad repo id or no token fails before exporting
     out = export_run(args.run_dir, args.format, args.out, gguf_type=args.gguf_type)
     print(f"jaxpost: {args.format} export written to {out} (see its README.md)", flush=True)
     if args.push_to_hub:

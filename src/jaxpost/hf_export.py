@@ -634,6 +634,32 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "lora",
     return export_from_lora_dir(lora_dir, fmt, out_dir, gguf_type=gguf_type)
 
 
+def hub_write_token(repo_id: str, token: str | None = None):
+    """Checks a Hub repo id and finds the token to push with, before any export work.
+
+    Returns:
+      The token as a ``jaxpost.credentials.Secret`` (``token``, else ``HF_TOKEN`` from the
+      Colab/Kaggle secrets or the environment).
+
+    Raises:
+      ValueError: ``repo_id`` is not ``USER/NAME`` or breaks the Hub's naming rules.
+      PermissionError: no token was found.
+    """
+    from huggingface_hub.utils import validate_repo_id
+
+    from jaxpost.credentials import WHERE_TO_ADD, resolve_credentials
+
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
+        raise ValueError(f"repo_id={repo_id!r} is malformed: expected USER/NAME or ORG/NAME, "
+                         "e.g. 'my-name/gemma3-gsm8k-grpo'")
+    validate_repo_id(repo_id)
+    secret = resolve_credentials(hf_token=token).hf_token
+    if secret is None:
+        raise PermissionError(f"pushing to the Hugging Face Hub needs a write token: set the "
+                              f"HF_TOKEN secret ({WHERE_TO_ADD}) or pass token=")
+    return secret
+
+
 def push_to_hub(export_dir: str | os.PathLike, repo_id: str, token: str | None = None,
                 private: bool = True, *, endpoint: str | None = None) -> str:
     """Uploads an export directory to a Hugging Face model repository.
@@ -658,22 +684,12 @@ def push_to_hub(export_dir: str | os.PathLike, repo_id: str, token: str | None =
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import validate_repo_id
 
-    from jaxpost.credentials import WHERE_TO_ADD, resolve_credentials
-
-    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
-        raise ValueError(f"repo_id={repo_id!r} is malformed: expected USER/NAME or ORG/NAME, "
-                         "e.g. 'my-name/gemma3-gsm8k-grpo'")
-    validate_repo_id(repo_id)
     path = Path(export_dir)
     if not path.is_dir() or not (path / "README.md").is_file():
         raise ValueError(f"export_dir={str(export_dir)!r} is not an export directory (no "
                          "README.md): write one with jaxpost export first")
-    secret = resolve_credentials(hf_token=token).hf_token
-    if secret is None:
-        raise PermissionError(f"pushing to the Hugging Face Hub needs a write token: set the "
-                              f"HF_TOKEN secret ({WHERE_TO_ADD}) or pass token=")
+    secret = hub_write_token(repo_id, token)
     api = HfApi(endpoint=endpoint, token=secret.reveal())
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
