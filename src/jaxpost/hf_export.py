@@ -554,7 +554,8 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
     from jaxpost.gguf_export import GGUF_TYPES, write_gguf_export
 
     if fmt not in ("peft", "merged", "gguf"):
-        raise ValueError(f"format={fmt!r} is invalid: use one of {list(FORMATS)}")
+        raise ValueError(f"format={fmt!r} is invalid here: use 'peft', 'merged' or 'gguf' "
+                         "(the LoRA export directory itself is the 'lora' format)")
     if fmt == "gguf" and gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: use one of {list(GGUF_TYPES)}")
     config, lora, metrics = read_lora_export(lora_dir)
