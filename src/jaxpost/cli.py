@@ -35,9 +35,15 @@ def _run_config(run_dir: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from jaxpost.export import export_checkpoint
+    from jaxpost.hf_export import export_run, hub_write_token, push_to_hub
 
-    export_checkpoint(_run_config(args.run_dir), out_dir=args.out)
+    if args.push_to_hub:
+        hub_write_token(args.push_to_hub)  # a bad repo id or no token fails before exporting
+    out = export_run(args.run_dir, args.format, args.out, gguf_type=args.gguf_type)
+    print(f"jaxpost: {args.format} export written to {out} (see its README.md)", flush=True)
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=not args.public)
+        print(f"jaxpost: uploaded {out} to {url}", flush=True)
     return 0
 
 
@@ -113,9 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field (repeatable), e.g. --set max_steps=20")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("export", help="export a run's latest checkpoint as LoRA safetensors")
-    e.add_argument("run_dir", help="the run's output_dir")
-    e.add_argument("--out", default=None, help="export directory (default RUN_DIR/export)")
+    e = sub.add_parser("export", help="export a run as LoRA adapters, PEFT adapters, a merged "
+                                      "Hugging Face model or GGUF (optionally to the Hub)")
+    e.add_argument("run_dir", help="the run's output_dir, or a LoRA export directory")
+    e.add_argument("--format", default="lora", choices=["lora", "peft", "merged", "gguf"],
+                   help="lora: jaxpost's adapters (default); peft: Hugging Face PEFT adapters; "
+                        "merged: LoRA merged into a Hugging Face checkpoint; gguf: merged, for "
+                        "llama.cpp / Ollama")
+    e.add_argument("--out", default=None,
+                   help="export directory (default RUN_DIR/export for lora, else "
+                        "<lora export>-<format>)")
+    e.add_argument("--gguf-type", default="f16", choices=["f16", "q8_0"],
+                   help="GGUF tensor type (--format gguf)")
+    e.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the export to this Hugging Face repo (token: the HF_TOKEN secret)")
+    e.add_argument("--public", action="store_true",
+                   help="with --push-to-hub: create the repo public (default private)")
     e.set_defaults(func=_cmd_export)
 
     q = sub.add_parser("quick-test", help="answer one question with a run's trained adapters")

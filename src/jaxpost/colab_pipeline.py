@@ -16,6 +16,7 @@ from pathlib import Path
 from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
 from jaxpost.credentials import Credentials, resolve_credentials
 from jaxpost.export import export_checkpoint
+from jaxpost.hf_export import export_from_lora_dir, export_run, push_to_hub
 from jaxpost.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
 from jaxpost.plots import show_training_curves
 from jaxpost.session import ColabSession
@@ -35,6 +36,9 @@ __all__ = [
     "prepare_colab_session",
     "train_grpo",
     "export_checkpoint",
+    "export_run",
+    "export_from_lora_dir",
+    "push_to_hub",
     "quick_test",
     "run_full_pipeline",
     "show_training_curves",

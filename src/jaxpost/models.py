@@ -13,6 +13,8 @@ Sources (the ``model`` setting of a config):
   local directory.
 * ``kaggle:HANDLE`` -- fetched with ``kagglehub`` (Gemma's Flax checkpoints, as in Tunix's
   GRPO demo).
+* ``gguf:/path/to/model.gguf`` -- a Gemma 3 GGUF file (e.g. from ``jaxpost export --format
+  gguf``), converted once into a Hugging Face directory in the cache, keyed by its digest.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SOURCE_FORMS = (
     "/path/to/local/hf/checkpoint (config.json + *.safetensors + tokenizer)",
     "hf:ORG/NAME (Hugging Face Hub)",
     "kaggle:OWNER/MODEL/FRAMEWORK/VARIATION (Kaggle Models)",
+    "gguf:/path/to/model.gguf (a Gemma 3 GGUF file)",
 )
 EMBEDDED_MODELS = ("gemma3-270m",)
 RANDOM_MODELS = ("gemma3-tiny",)
@@ -99,6 +102,28 @@ def embedded_model_dir(show_progress: bool = True) -> Path:
     gguf_path = assemble()
     with cache.building_entry(entry) as tmp:
         convert_gguf_to_hf(gguf_path, tmp, show_progress=show_progress)
+    return entry
+
+
+def gguf_model_dir(gguf_path: str | os.PathLike, show_progress: bool = True) -> Path:
+    """Returns the cached Hugging Face directory converted from a Gemma 3 GGUF file.
+
+    The cache entry is keyed by the file's digest, so a rewritten file is converted again
+    and an unchanged one (under any name) only once.
+
+    Raises:
+      FileNotFoundError: ``gguf_path`` is not a file.
+    """
+    from jaxpost.gguf_import import convert_gguf_to_hf
+
+    path = Path(gguf_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist (model source gguf:PATH)")
+    entry = cache.cache_root() / "models" / f"gguf-{cache.file_digest(path)}"
+    if cache.verify_entry(entry) is None:
+        return entry
+    with cache.building_entry(entry) as tmp:
+        convert_gguf_to_hf(path, tmp, show_progress=show_progress)
     return entry
 
 
@@ -234,7 +259,7 @@ def load_model(
         raise _source_error(str(source), "empty source")
     mesh = mesh or make_mesh(mesh_fsdp, mesh_tp)
     prefix, sep, rest = source.partition(":")
-    if sep and "/" not in prefix and prefix in ("embedded", "random", "hf", "kaggle"):
+    if sep and "/" not in prefix and prefix in ("embedded", "random", "hf", "kaggle", "gguf"):
         if prefix == "embedded":
             if rest not in EMBEDDED_MODELS:
                 raise _source_error(source, f"unknown embedded model {rest!r}")
@@ -243,6 +268,8 @@ def load_model(
             if rest not in RANDOM_MODELS:
                 raise _source_error(source, f"unknown random model {rest!r}")
             return _load_random_tiny(source, mesh, jdtype, seed, show_progress)
+        if prefix == "gguf":
+            return load_local_dir(gguf_model_dir(rest, show_progress), source, mesh, jdtype)
         from jaxpost import hub
 
         if prefix == "hf":
