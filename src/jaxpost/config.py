@@ -611,5 +611,8 @@ def describe(config: ColabTrainingConfig) -> str:
         f"GRPO:     G={c.num_generations} mu={c.num_iterations} beta={c.beta} "
         f"epsilon={c.epsilon}",
         f"optim:    lr={c.learning_rate:g} max_new_tokens={c.max_new_tokens}",
+        *([f"rubric:   judge={c.judge} "
+           f"({c.judge_api_model if c.judge == 'api' else c.judge_model}), "
+           f"aggregation={c.rubric_aggregation}"] if "rubric" in c.reward_functions else []),
         f"output:   {c.output_dir}",
     ])

@@ -226,7 +226,8 @@ class ModelJudge:
       loaded: a :class:`jaxpost.models.LoadedModel` (model, tokenizer, mesh).
       template: chat template name of that model (``jaxpost.prompts``).
       batch_size: rows per forward pass.
-      max_tokens: longest judge prompt; longer answers are cut (their end kept).
+      max_tokens: longest judge prompt in tokens; a longer one keeps its BOS and its
+        last ``max_tokens - 1`` tokens (the criterion and the question to answer).
     """
 
     def __init__(self, loaded, template: str, batch_size: int = 16, max_tokens: int = 1024):

@@ -209,7 +209,11 @@ def rar_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def openrubrics_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """OpenRubrics: the prompt in ``instruction`` (or ``prompt``), the rubric as text
-    in ``rubric`` (:func:`parse_openrubrics_text`); no reference answer."""
+    in ``rubric`` (:func:`parse_openrubrics_text`); no reference answer.
+
+    The repo id comes from the dataset cards; these column names follow the paper's
+    description and were not checked against the hub files, so a mismatch shows up as
+    every row skipped ("missing or empty question" / "not OpenRubrics text")."""
     question = row.get("instruction", row.get("prompt"))
     return _example(question, None, parse_openrubrics_text(row.get("rubric")))
 
@@ -446,6 +450,10 @@ def rubric(
     queries = [CriterionQuery(q, t, c.text)
                for q, t, r in zip(questions, texts, rubrics) for c in r]
     scores = judge.score_criteria(queries)
+    failed = sum(s is None for s in scores)
+    if failed:
+        logger.warning("rubric: the judge could not score %d of %d criteria; they are left "
+                       "out of their completions' rewards", failed, len(scores))
     out, start = [], 0
     for r in rubrics:
         out.append(explicit_reward(r, scores[start:start + len(r)], rubric_category_weights))
