@@ -189,12 +189,14 @@ class LexicalJudge:
 # Model
 
 
-def _bucket(n: int, minimum: int = 64) -> int:
-    """The next power of two >= n (at least ``minimum``): a few shapes, a few compiles."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return size
+def _bucket(n: int, step: int = 64) -> int:
+    """The next multiple of ``step`` >= n: few shapes (few compiles), little padding.
+
+    Powers of two would waste up to half of each row; judge prompts of a run differ
+    mostly by completion length, which max_new_tokens bounds, so the multiples of 64
+    in use stay few.
+    """
+    return max(step, -(-n // step) * step)
 
 
 def _single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
@@ -217,9 +219,8 @@ class ModelJudge:
     rubric rating it is asked for a digit 0-9 and the rating is 1 + E[digit] under the
     next-token distribution renormalised over the ten digits, in [1, 10].
 
-    Rows are scored ``batch_size`` at a time, left-padded to a power-of-two length
-    (at least 64) and to a full batch, so the jitted forward pass compiles once per
-    length bucket. The model's state is an argument of the jitted function, not a
+    Rows are scored ``batch_size`` at a time, left-padded to a multiple of 64 tokens
+    and to a full batch, so the jitted forward pass compiles once per length bucket. The model's state is an argument of the jitted function, not a
     constant in it, so a trained model can be judged without a recompile.
 
     Args:
