@@ -32,7 +32,7 @@ def test_defaults_build_with_documented_values():
 
 def test_all_presets_build():
     assert set(PRESETS) == {"default", "smoke", "colab_tpu", "colab_tpu_v5e1", "kaggle_tpu", "gpu",
-                            "cpu"}
+                            "cpu", "rubric_demo", "rubric_smoke"}
     for name, fn in PRESETS.items():
         assert isinstance(get_preset(name), ColabTrainingConfig)
         assert f"jaxpost train --preset {name}" in fn.__doc__

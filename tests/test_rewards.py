@@ -360,7 +360,8 @@ def test_reasoning_gym_bad_entry_and_unknown_task(rg_entries):
 
 def test_registry_lists_builtins():
     assert list_rewards() == sorted(
-        ["format_exact", "format_approximate", "answer_match", "answer_number", "reasoning_gym"]
+        ["format_exact", "format_approximate", "answer_match", "answer_number", "reasoning_gym",
+         "rubric"]
     )
     assert get_reward("format_exact") is format_exact
 

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from jaxpost.judges import JUDGE_KINDS, REFERENCE_JUDGE
+from jaxpost.rubrics import AGGREGATIONS, CATEGORIES, DEFAULT_CATEGORY_WEIGHTS
+
 DEFAULT_LORA_TARGETS = (
     ".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
     "|q_proj|k_proj|v_proj|o_proj)"
@@ -44,7 +47,8 @@ _NONE = ("none", "null")
 _POSITIVE = ("lora_rank", "lora_alpha", "epsilon", "temperature", "top_k", "max_examples",
              "max_prompt_length", "max_new_tokens", "learning_rate", "max_grad_norm",
              "batch_size", "num_batches", "max_steps", "mini_batch_size", "micro_batch_size",
-             "save_interval_steps", "max_to_keep", "log_every_steps", "mesh_fsdp", "mesh_tp")
+             "save_interval_steps", "max_to_keep", "log_every_steps", "mesh_fsdp", "mesh_tp",
+             "judge_batch_size", "judge_api_timeout", "judge_api_concurrency")
 # Field -> (check applied when the value is not None, what is allowed).
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{name: (lambda x: x > 0, "must be > 0") for name in _POSITIVE},
@@ -57,7 +61,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "b2": (lambda x: 0 <= x < 1, "must be in [0, 1)"),
     "weight_decay": (lambda x: x >= 0, "must be >= 0"),
     "eval_size": (lambda x: x >= 0, "must be >= 0"),
+    "judge_api_retries": (lambda x: x >= 0, "must be >= 0"),
 }
+_SECRET_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,6 +89,24 @@ class ColabTrainingConfig:
     Rewards:
       reward_functions: names in the rewards registry; their weighted sum is the reward.
       reward_weights: one weight per reward function (None = all 1.0).
+    Rubric reward (Gunjal et al. 2025, "Rubrics as Rewards"; used when reward_functions
+    includes "rubric", with a rubric dataset; see jaxpost.rubrics and jaxpost.judges):
+      judge: "model" (a language model's P(yes) per criterion), "api" (an
+        OpenAI-compatible chat server) or "lexical" (keyword coverage; offline smoke
+        runs only, a weak stand-in).
+      judge_model: for judge="model": "reference" (the run's own frozen base model, no
+        extra load) or any model source.
+      rubric_aggregation: "explicit" (weighted share of criteria met, pitfalls
+        subtract) or "implicit" (one 1-10 rating of the whole rubric).
+      rubric_category_weights: weights of essential, important, optional and pitfall
+        criteria without their own weight (the pitfall entry is the penalty's size).
+      rubric_in_prompt: list the rubric's criteria in the policy's prompt.
+      judge_batch_size: rows per forward pass of a model judge.
+      judge_api_base_url, judge_api_model: the server (".../v1") and the model it serves.
+      judge_api_key_name: name of the secret holding the API key (looked up in Colab
+        secrets, Kaggle secrets, then the environment; the key is never in the config).
+      judge_api_timeout (seconds per request), judge_api_retries (after the first try),
+      judge_api_concurrency (requests in flight).
     GRPO (Shao et al. 2024, "DeepSeekMath"):
       num_generations: G, completions sampled per prompt (group size for the baseline).
       num_iterations: mu, policy updates per batch of generations.
@@ -124,6 +148,19 @@ class ColabTrainingConfig:
 
     reward_functions: tuple[str, ...] = ("format_exact", "format_approximate", "answer_match")
     reward_weights: tuple[float, ...] | None = None
+
+    judge: str = "model"
+    judge_model: str = REFERENCE_JUDGE
+    rubric_aggregation: str = "explicit"
+    rubric_category_weights: tuple[float, ...] = DEFAULT_CATEGORY_WEIGHTS
+    rubric_in_prompt: bool = False
+    judge_batch_size: int = 16
+    judge_api_base_url: str = ""
+    judge_api_model: str = ""
+    judge_api_key_name: str = "JUDGE_API_KEY"
+    judge_api_timeout: float = 30.0
+    judge_api_retries: int = 3
+    judge_api_concurrency: int = 4
 
     num_generations: int = 4
     num_iterations: int = 1
@@ -200,6 +237,7 @@ class ColabTrainingConfig:
             raise ValueError(
                 f"reward_weights={v.reward_weights!r} is invalid: needs one weight per entry "
                 f"of reward_functions={v.reward_functions!r} ({len(v.reward_functions)} values)")
+        self._validate_judge()
         for name, (ok, allowed) in _RANGES.items():
             value = getattr(v, name)
             # The type check already let None through only for optional fields.
@@ -212,6 +250,33 @@ class ColabTrainingConfig:
             if getattr(v, outer) % v.micro_batch_size:
                 raise ValueError(f"micro_batch_size={v.micro_batch_size} is invalid: must "
                                  f"divide {outer}={getattr(v, outer)}")
+
+    def _validate_judge(self):
+        v = self
+        for name, choices in (("judge", JUDGE_KINDS), ("rubric_aggregation", AGGREGATIONS)):
+            _require(getattr(v, name) in choices, name, getattr(v, name), f"one of {choices}")
+        w = v.rubric_category_weights
+        _require(len(w) == len(CATEGORIES) and all(x > 0 for x in w[:3]) and w[3] >= 0,
+                 "rubric_category_weights", w,
+                 f"{len(CATEGORIES)} weights for {', '.join(CATEGORIES)}: the first three > 0, "
+                 "the pitfall penalty >= 0")
+        if v.judge_model != REFERENCE_JUDGE and (v.judge_model == ""
+                                                 or ":" in v.judge_model.split("/", 1)[0]):
+            prefix, _, rest = v.judge_model.partition(":")
+            _require(prefix in MODEL_PREFIXES and rest != "", "judge_model", v.judge_model,
+                     f"'{REFERENCE_JUDGE}' (the run's base model) or one of {_MODEL_FORMS}")
+        _require(_SECRET_NAME_RE.fullmatch(v.judge_api_key_name) is not None,
+                 "judge_api_key_name", "<hidden>", "the NAME of the secret holding the key "
+                 "(letters, digits, '_'), never the key itself")
+        if v.judge_api_base_url:
+            _require(v.judge_api_base_url.startswith(("http://", "https://")),
+                     "judge_api_base_url", v.judge_api_base_url,
+                     "must start with http:// or https://")
+        if "rubric" in v.reward_functions and v.judge == "api":
+            _require(v.judge_api_base_url != "", "judge_api_base_url", v.judge_api_base_url,
+                     "judge='api' needs the server's URL, e.g. https://api.example.com/v1")
+            _require(v.judge_api_model != "", "judge_api_model", v.judge_api_model,
+                     "judge='api' needs the model name the server serves")
 
     @property
     def total_steps(self) -> int:
@@ -433,6 +498,34 @@ def smoke_config() -> ColabTrainingConfig:
         save_interval_steps=1, output_dir="runs/smoke")
 
 
+def rubric_demo_config() -> ColabTrainingConfig:
+    """Embedded Gemma 3 270M on the shipped example rubrics, judged by itself (frozen).
+
+    Short science explanations; the reward is format plus the rubric reward (explicit
+    aggregation), with the run's frozen base model as the yes/no judge of each criterion.
+
+    Reproduce: `jaxpost train --preset rubric_demo`
+    """
+    return ColabTrainingConfig(
+        dataset="rubric-demo", max_examples=None, eval_size=2,
+        reward_functions=("format_exact", "format_approximate", "rubric"),
+        reward_weights=(0.5, 0.5, 2.0), judge="model", judge_model=REFERENCE_JUDGE,
+        max_prompt_length=128, max_new_tokens=96, judge_batch_size=16,
+        output_dir="runs/rubric_demo")
+
+
+def rubric_smoke_config() -> ColabTrainingConfig:
+    """rubric_demo on the tiny random model, 2 steps: the rubric pipeline in seconds (tests).
+
+    Reproduce: `jaxpost train --preset rubric_smoke`
+    """
+    return dataclasses.replace(
+        smoke_config(), dataset="rubric-demo", eval_size=2, max_examples=None,
+        reward_functions=("format_exact", "rubric"), judge="model",
+        judge_model=REFERENCE_JUDGE, judge_batch_size=8, max_prompt_length=128,
+        output_dir="runs/rubric_smoke")
+
+
 def colab_tpu_config() -> ColabTrainingConfig:
     """Gemma 3 1B-IT from Kaggle on GSM8K, settings of Tunix's GRPO demo, Colab TPU v2-8.
 
@@ -489,6 +582,8 @@ def cpu_config() -> ColabTrainingConfig:
 PRESETS: dict[str, Callable[[], ColabTrainingConfig]] = {
     "default": default_config,
     "smoke": smoke_config,
+    "rubric_demo": rubric_demo_config,
+    "rubric_smoke": rubric_smoke_config,
     "colab_tpu": colab_tpu_config,
     "colab_tpu_v5e1": colab_tpu_v5e1_config,
     "kaggle_tpu": kaggle_tpu_config,
@@ -516,5 +611,8 @@ def describe(config: ColabTrainingConfig) -> str:
         f"GRPO:     G={c.num_generations} mu={c.num_iterations} beta={c.beta} "
         f"epsilon={c.epsilon}",
         f"optim:    lr={c.learning_rate:g} max_new_tokens={c.max_new_tokens}",
+        *([f"rubric:   judge={c.judge} "
+           f"({c.judge_api_model if c.judge == 'api' else c.judge_model}), "
+           f"aggregation={c.rubric_aggregation}"] if "rubric" in c.reward_functions else []),
         f"output:   {c.output_dir}",
     ])

@@ -8,7 +8,10 @@ Every example is a dict with str `question` and `answer` plus source columns:
   - reasoning-gym: `task` (the task name) and `entry` (the generated entry as
     JSON, which reasoning_gym's scorer needs);
   - gsm8k: `solution` (the worked solution before `####`);
-  - jsonl: the row's other top-level columns.
+  - jsonl: the row's other top-level columns;
+  - rubric datasets (rubric-demo, rubric-jsonl, rar-medicine, rar-science,
+    openrubrics): `rubric`, the criteria as JSON (see `jaxpost.rubrics`); `answer`
+    is the reference answer, possibly empty.
 `prepare_datasets` adds `prompts`, the formatted prompt that Tunix's GRPO
 learner generates from.
 """
@@ -37,6 +40,10 @@ DATASET_FORMS = (
     "gsm8k | gsm8k:train | gsm8k:test  (Hugging Face openai/gsm8k, config 'main')",
     "gsm8k:PATH  (local JSONL in GSM8K format)",
     "jsonl:PATH[#question=COLUMN&answer=COLUMN]",
+    "rubric-demo  (the example rubrics shipped with jaxpost)",
+    "rubric-jsonl:PATH  (JSONL: question, optional reference_answer, rubric)",
+    "rar-medicine | rar-science | openrubrics [:SPLIT or :LOCAL_FILE]  (Hugging Face "
+    "ScaleAI/RaR-Medicine, ScaleAI/RaR-Science, OpenRubrics/OpenRubric-v2)",
     "any of these with #max=N to cap the number of examples",
 )
 DEFAULT_REASONING_GYM_SIZE = 512
@@ -47,6 +54,7 @@ _GSM8K_FORMAT = (
 )
 _JSONL_FORMAT = "one JSON object per line with a question column and an answer column"
 _JSONL_COLUMN_OPTIONS = ("question", "answer")
+RUBRIC_KINDS = ("rubric-demo", "rubric-jsonl", "rar-medicine", "rar-science", "openrubrics")
 # Set by the loader from #max and the seed, never by task options.
 _RESERVED_REASONING_GYM_OPTIONS = ("size", "seed")
 
@@ -143,6 +151,14 @@ def parse_dataset_spec(spec: str) -> DatasetSpec:
                 spec, f"jsonl options are {_JSONL_COLUMN_OPTIONS} and max, got {unknown}"
             )
         return DatasetSpec(kind, arg, max_examples, options)
+    if kind in RUBRIC_KINDS:
+        if options:
+            raise _invalid_spec(spec, f"{kind} takes no options besides max, got {sorted(options)}")
+        if kind == "rubric-jsonl" and not has_arg:
+            raise _invalid_spec(spec, "rubric-jsonl needs a file path")
+        if kind == "rubric-demo" and has_arg:
+            raise _invalid_spec(spec, "rubric-demo takes no argument")
+        return DatasetSpec(kind, arg or None, max_examples, {})
     raise _invalid_spec(spec, f"unknown dataset kind {kind!r}")
 
 
@@ -319,6 +335,10 @@ def load_examples(
             spec.options.get("answer", "answer"),
             skipped,
         )
+    elif spec.kind in RUBRIC_KINDS:
+        from jaxpost.rubrics import load_rubric_rows
+
+        examples = load_rubric_rows(spec.kind, spec.arg, skipped)
     else:
         raise ValueError(f"unknown dataset kind {spec.kind!r}; valid forms: {DATASET_FORMS}")
 
@@ -370,12 +390,21 @@ def _uniform_columns(items: list[dict]) -> list[dict]:
     return [{k: scalar(v) for k, v in item.items() if k in common} for item in items]
 
 
+def _prompt_rubric(example: dict) -> list[str]:
+    """The criteria shown to the policy; pitfalls read as things to avoid."""
+    from jaxpost.rubrics import parse_rubric
+
+    return [f"Avoid: {c.text}" if c.is_pitfall else c.text
+            for c in parse_rubric(example["rubric"])]
+
+
 def prepare_datasets(config: Any) -> tuple[grain.MapDataset, grain.MapDataset | None]:
     """Builds the batched train and eval datasets for a config.
 
     Reads `config.dataset`, `max_examples` (used when the spec has no #max),
     `seed`, `eval_size`, `batch_size`, `max_steps`, `num_batches`,
-    `num_iterations` and the prompt fields of `format_prompt`.
+    `num_iterations`, the prompt fields of `format_prompt`, and
+    `rubric_in_prompt` (when true, each prompt lists its rubric's criteria).
 
     Returns:
       (train, eval). Each element is a dict of 1-D numpy arrays of length
@@ -404,9 +433,15 @@ def prepare_datasets(config: Any) -> tuple[grain.MapDataset, grain.MapDataset | 
     template = resolve_chat_template(config.model, config.chat_template)
     if any("prompts" in example for example in examples):
         logger.warning("the dataset's 'prompts' column is replaced by the formatted prompt")
+    show_rubric = getattr(config, "rubric_in_prompt", False)
+    if show_rubric and not all("rubric" in example for example in examples):
+        raise ValueError(f"rubric_in_prompt=True needs a rubric dataset; {config.dataset!r} has "
+                         "no 'rubric' column (set rubric_in_prompt=false or use a rubric dataset)")
     items = _uniform_columns(
         [
-            {**example, "prompts": format_prompt(example["question"], config, template=template)}
+            {**example, "prompts": format_prompt(example["question"], config,
+                                                 _prompt_rubric(example) if show_rubric else None,
+                                                 template=template)}
             for example in examples
         ]
     )

@@ -1,4 +1,4 @@
-"""Reward functions for GRPO: format, answer correctness and reasoning-gym verifiers.
+"""Reward functions for GRPO: format, answer correctness, reasoning-gym verifiers, rubrics.
 
 Every reward is a pure function with Tunix's signature::
 
@@ -14,6 +14,10 @@ any parameter whose name matches a field of its algorithm config (``beta``,
 The built-ins take the tag names as keyword-only parameters (``reasoning_tag``,
 ``answer_tag``); :func:`create_reward_functions` binds them from the config and
 applies the reward weights. The registry :data:`REWARDS` is an explicit dict.
+
+``rubric`` (:func:`jaxpost.rubrics.rubric`) needs a judge, which the session builds
+(it may need the model); :func:`create_reward_functions` binds it when given
+``judge=``, with ``rubric_aggregation`` and ``rubric_category_weights`` from the config.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+from jaxpost.rubrics import DEFAULT_CATEGORY_WEIGHTS, rubric
 
 __all__ = [
     "REWARDS",
@@ -42,6 +48,8 @@ __all__ = [
     "parse_number",
     "reasoning_gym",
     "register_reward",
+    "rubric",
+    "uses_judge",
 ]
 
 RewardFn = Callable[..., list[float]]
@@ -418,7 +426,10 @@ REWARDS: dict[str, RewardFn] = {
     "answer_match": answer_match,
     "answer_number": answer_number,
     "reasoning_gym": reasoning_gym,
+    "rubric": rubric,
 }
+# Rewards whose function takes a `judge` argument; create_reward_functions binds it.
+_JUDGE_PARAM = "judge"
 
 
 def register_reward(name: str, fn: RewardFn, *, overwrite: bool = False) -> None:
@@ -469,15 +480,18 @@ def _weighted(fn: RewardFn, weight: float) -> RewardFn:
     return weighted
 
 
-def create_reward_functions(config: _RewardConfig) -> list[RewardFn]:
-    """Build the reward callables that Tunix's RewardManager will call.
+def uses_judge(config: _RewardConfig) -> bool:
+    """Whether one of the config's rewards needs a judge (``judge=`` of
+    :func:`create_reward_functions`). Unknown names raise as in :func:`get_reward`."""
+    return any(_JUDGE_PARAM in inspect.signature(get_reward(n)).parameters
+               for n in config.reward_functions)
 
-    Reads ``config.reward_functions`` (names in :data:`REWARDS`),
-    ``config.reward_weights`` (``None`` for all 1.0, or one float per name),
-    ``config.reasoning_tag`` and ``config.answer_tag``. Each returned callable has the
-    Tunix signature, its tag parameters bound from the config, its output multiplied by
-    its weight (when the weight is not 1.0), and ``__name__`` equal to the registry
-    name, which Tunix uses as the metric name ``rewards/<name>``.
+
+def check_reward_config(config: _RewardConfig) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Checks the reward names and weights of ``config`` without building anything.
+
+    Returns:
+      ``(names, weights)``, one float weight per name.
 
     Raises:
       ValueError: no reward names, a repeated name, an unknown name, or a weight count
@@ -499,13 +513,51 @@ def create_reward_functions(config: _RewardConfig) -> list[RewardFn]:
             f"reward_weights has {len(weights)} values for {len(names)} reward_functions "
             f"{list(names)}"
         )
+    for name in names:
+        get_reward(name)
+    return names, tuple(float(w) for w in weights)
+
+
+def create_reward_functions(config: _RewardConfig, judge: Any = None) -> list[RewardFn]:
+    """Build the reward callables that Tunix's RewardManager will call.
+
+    Reads ``config.reward_functions`` (names in :data:`REWARDS`),
+    ``config.reward_weights`` (``None`` for all 1.0, or one float per name),
+    ``config.reasoning_tag`` and ``config.answer_tag``, and for rewards that take a
+    judge (``rubric``) ``config.rubric_aggregation`` and
+    ``config.rubric_category_weights``. Each returned callable has the Tunix
+    signature, those parameters bound from the config (and ``judge`` bound to the
+    ``judge`` argument), its output multiplied by its weight (when the weight is not
+    1.0), and ``__name__`` equal to the registry name, which Tunix uses as the metric
+    name ``rewards/<name>``.
+
+    Args:
+      config: the run's config (or any object with the fields above).
+      judge: the judge for ``rubric`` (:func:`jaxpost.judges.build_judge`); required
+        when a reward takes one.
+
+    Raises:
+      ValueError: no reward names, a repeated name, an unknown name, a weight count
+        that differs from the name count, or a reward that needs a judge without one.
+    """
+    names, weights = check_reward_config(config)
     tags = {"reasoning_tag": config.reasoning_tag, "answer_tag": config.answer_tag}
+    judged = {"judge": judge,
+              "rubric_aggregation": getattr(config, "rubric_aggregation", "explicit"),
+              "rubric_category_weights": tuple(getattr(config, "rubric_category_weights",
+                                                       DEFAULT_CATEGORY_WEIGHTS))}
 
     built = []
     for name, weight in zip(names, weights):
         fn = get_reward(name)
         params = inspect.signature(fn).parameters
         bound_tags = {k: v for k, v in tags.items() if k in params}
+        if _JUDGE_PARAM in params:
+            if judge is None:
+                raise ValueError(
+                    f"reward {name!r} needs a judge: pass create_reward_functions(config, "
+                    "judge=jaxpost.judges.build_judge(config, loaded)) (prepare_session does)")
+            bound_tags.update({k: v for k, v in judged.items() if k in params})
         out: RewardFn = fn
         if bound_tags:
             out = functools.update_wrapper(functools.partial(fn, **bound_tags), fn)

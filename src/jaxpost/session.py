@@ -25,6 +25,8 @@ class ColabSession:
       reward_fns: Tunix-compatible reward callables, weights applied.
       template: the resolved chat template name.
       credentials: secrets for hubs, owned by the session and never saved with a run.
+      judge: the judge bound into the rubric reward (``jaxpost.judges``), or None when
+        no reward needs one; training logs its ``stats``.
     """
 
     loaded: LoadedModel
@@ -34,6 +36,7 @@ class ColabSession:
     reward_fns: list[Callable]
     template: str
     credentials: Any = None
+    judge: Any = None
 
     def summary(self) -> str:
         """One line: platform, devices, mesh, model, parameter and LoRA parameter counts."""
@@ -84,8 +87,9 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     from jaxpost.credentials import check_model_access, resolve_credentials
     from jaxpost.data import prepare_datasets
     from jaxpost.lora import apply_lora
+    from jaxpost.judges import build_judge
     from jaxpost.prompts import resolve_chat_template
-    from jaxpost.rewards import create_reward_functions
+    from jaxpost.rewards import check_reward_config, create_reward_functions, uses_judge
 
     t0 = time.time()
     enable_compilation_cache()
@@ -96,16 +100,19 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     if loaded is None:
         check_model_access(config.model, credentials)
     template = resolve_chat_template(config.model, config.chat_template)
-    reward_fns = create_reward_functions(config)
+    check_reward_config(config)
     train_ds, eval_ds = prepare_datasets(config)
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, mesh_fsdp=config.mesh_fsdp,
                             mesh_tp=config.mesh_tp, seed=config.seed)
     check_prompt_lengths(train_ds, loaded.tokenizer, config.max_prompt_length)
+    # Built after the model: the default model judge is the frozen base model itself.
+    judge = build_judge(config, loaded, template=template) if uses_judge(config) else None
+    reward_fns = create_reward_functions(config, judge=judge)
     lora_model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank,
                             alpha=config.lora_alpha, target_modules=config.lora_target_modules,
                             seed=config.seed)
     session = ColabSession(loaded, lora_model, train_ds, eval_ds, reward_fns, template,
-                           credentials)
+                           credentials, judge)
     print(f"jaxpost: {session.summary()} (ready in {time.time() - t0:.0f}s)", flush=True)
     return session

@@ -81,8 +81,9 @@ _METRIC_NAMES = {
     "actor/grad_norm": "grad_norm",
     "completions/mean_length": "completion_length",
 }
-# Rewards and completions are logged while rolling out for step n + 1, under step n.
-_ROLLOUT_GROUPS = ("rewards", "completions")
+# Rewards, completions and the judge's work are logged while rolling out for step n + 1,
+# under step n.
+_ROLLOUT_GROUPS = ("rewards", "completions", "judge")
 _SKIPPED_REWARD_STATS = ("sum", "mean", "min", "max", "score/min")
 
 
@@ -98,6 +99,8 @@ def _short_name(event: str) -> tuple[str, int] | None:
         return _METRIC_NAMES[key], offset
     if group == "rewards" and rest not in _SKIPPED_REWARD_STATS:
         return f"rewards/{rest}", offset  # one reward function's batch mean
+    if group == "judge":
+        return f"judge/{rest}", offset  # calls, seconds, failures, cache hits of the step
     return None
 
 
@@ -242,7 +245,13 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
             actor=session.lora_model, reference=loaded.model, tokenizer=loaded.tokenizer,
             mesh=loaded.mesh, optimizer=make_optimizer(config), config=config,
             eos_ids=loaded.eos_ids, metric_backends=backends)
-        learner = tunix_adapter.build_grpo_learner(cluster, config, session.reward_fns)
+        metric_fns = []
+        if getattr(session, "judge", None) is not None:
+            from jaxpost.judges import judge_metrics_fn
+
+            metric_fns.append(judge_metrics_fn(session.judge))
+        learner = tunix_adapter.build_grpo_learner(cluster, config, session.reward_fns,
+                                                   metric_fns=metric_fns)
         try:
             learner.train(session.train_dataset)
         finally:

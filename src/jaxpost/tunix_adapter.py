@@ -256,8 +256,13 @@ def keep_frozen_weights_in_place(trainer) -> None:
     trainer.clear_jit_cache = types.MethodType(clear_jit_cache, trainer)
 
 
-def build_grpo_learner(cluster, config: Any, reward_fns: list[Callable]):
-    """Tunix's GRPO learner with G, mu, beta and epsilon from ``config``."""
+def build_grpo_learner(cluster, config: Any, reward_fns: list[Callable],
+                       metric_fns: Sequence[Callable] = ()):
+    """Tunix's GRPO learner with G, mu, beta and epsilon from ``config``.
+
+    ``metric_fns`` are called once per rollout batch after the rewards, with Tunix's
+    metric-function signature, and return ``{name: (value, aggregate_fn)}``.
+    """
     algo = grpo_learner.GRPOConfig(
         num_generations=config.num_generations,
         num_iterations=config.num_iterations,
@@ -265,7 +270,8 @@ def build_grpo_learner(cluster, config: Any, reward_fns: list[Callable]):
         epsilon=config.epsilon,
         policy_loss_fn=CHUNKED_GRPO_LOSS,
     )
-    return grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns)
+    return grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns,
+                                    metric_fns=list(metric_fns) or None)
 
 
 def actor_checkpoint_dir(checkpoint_dir) -> str:
