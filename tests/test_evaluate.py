@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import numpy as np
@@ -136,6 +137,9 @@ def test_report_writes_summary_and_examples(tmp_path):
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["completions"] == [GOOD] and rows[0]["reference"] == "42"
     assert sorted(p.name for p in summary.parent.iterdir()) == ["eval.json", "eval.jsonl"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert summary.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_comparison_table_and_files(tmp_path):
