@@ -283,7 +283,7 @@ def test_plot_cli_writes_a_png_with_per_reward_curves(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in capsys.readouterr().out
     reward_panel = training_figure(run).axes[0]
-    assert reward_panel.get_legend_handles_labels()[1] == ["total", "answer_match", "format_exact"]
+    assert reward_panel.get_legend_handles_labels()[1] == ["answer_match", "format_exact", "total"]
 
 
 def test_plot_cli_without_metrics_fails_clearly(tmp_path, capsys):

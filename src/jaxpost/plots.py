@@ -46,15 +46,17 @@ def training_figure(output_dir: str | os.PathLike) -> Figure:
     for ax, (name, title) in zip(fig.subplots(2, 2).flat, CURVES):
         ax.set_title(title)
         ax.set_xlabel("step")
-        names = [name, *per_reward] if name == "reward" else [name]
+        # The total last, in black on top: it often equals one function's curve.
+        names = [*per_reward, name] if name == "reward" else [name]
         drawn = 0
         for curve in names:
             points = [(r["step"], r[curve]) for r in rows if curve in r]
             if points:
                 steps, values = zip(*points)
                 label = "total" if curve == "reward" else curve.removeprefix("rewards/")
-                ax.plot(steps, values, marker="o", markersize=3, label=label,
-                        linewidth=2 if curve == "reward" else 1)
+                style = ({"color": "black", "linewidth": 1.5, "linestyle": "--", "zorder": 3}
+                         if curve == "reward" and per_reward else {})
+                ax.plot(steps, values, marker="o", markersize=3, label=label, **style)
                 drawn += 1
         if drawn == 0:
             ax.text(0.5, 0.5, f"'{name}' not logged", ha="center", va="center",
