@@ -47,7 +47,7 @@ TEST_QUESTION = "A baker makes 23 muffins and sells 8. How many are left?"
 # The TPU and GPU presets train Gemma 3 1B from Kaggle Models, which is gated: accept its terms at kaggle.com/models/google/gemma-3, then add the secrets `KAGGLE_USERNAME` and `KAGGLE_KEY` (and `HF_TOKEN` for a gated Hugging Face model). **Colab:** the key icon in the left sidebar, with *Notebook access* on. **Kaggle:** *Add-ons > Secrets*. jaxpost looks for each secret in values passed to `resolve_credentials(...)`, then Colab's secrets, then Kaggle's, then environment variables, and only ever shows whether it is set.
 
 # %%
-from jaxpost.colab_pipeline import (detect_platform, export_checkpoint, make_config,
+from jaxpost.colab_pipeline import (compare, detect_platform, export_checkpoint, make_config,
                                     prepare_colab_session, quick_test,
                                     resolve_credentials, run_full_pipeline,
                                     show_training_curves, train_grpo)
@@ -87,6 +87,16 @@ answer = quick_test(config, session, TEST_QUESTION, trainer_state=state)
 
 # %%
 print((export_path / "README.md").read_text())
+
+# %% [markdown]
+# ### Base vs trained
+#
+# The base model and the trained adapters (the run's newest checkpoint) answer the same 8 questions with the same prompts, greedily, reusing the loaded model; the table gives accuracy, format rate, partial credit, pass@1 and completion length side by side. Here the questions come from the training dataset's spec; for a held-out score on GSM8K use `data="gsm8k:test"`. `jaxpost eval` does the same from the command line.
+
+# %%
+comparison = compare(config.model, lora_b=config.output_dir, data=config.dataset, num_examples=8,
+                     max_new_tokens=config.max_new_tokens, loaded=session.loaded)
+print(comparison.table())
 
 # %% [markdown]
 # ## 7. The same run, step by step

@@ -86,6 +86,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from jaxpost.evaluate import compare, evaluate
+
+    settings = dict(data=args.data, num_examples=args.num_examples, k=args.k,
+                    num_samples=args.num_samples, temperature=args.temperature,
+                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    seed=args.seed, out=args.out)
+    if args.compare is not None:
+        result = compare(args.model, lora_a=args.lora, lora_b=args.compare, **settings)
+    else:
+        result = evaluate(args.model, lora=args.lora, **settings)
+    print(result.table())
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from jaxpost.plots import plot_training_curves
+
+    print(f"jaxpost: wrote {plot_training_curves(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``jaxpost`` subcommand."""
     from jaxpost.config import PRESETS
@@ -141,6 +163,46 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir", help="the run's output_dir")
     q.add_argument("--question", default=None, help="default: the first held-out question")
     q.set_defaults(func=_cmd_quick_test)
+
+    from jaxpost.evaluate import DEFAULT_MAX_NEW_TOKENS
+
+    v = sub.add_parser(
+        "eval", help="score a model (optionally with LoRA adapters) on a dataset",
+        description="Prints accuracy, format rate, partial credit, pass@k and completion "
+                    "length; writes the summary to --out (JSON) and one line per example to "
+                    "the same path with suffix .jsonl.")
+    v.add_argument("--model", default=None,
+                   help="base model source; default: the model the adapters were trained on, "
+                        "else embedded:gemma3-270m")
+    v.add_argument("--lora", default=None,
+                   help="a LoRA export directory or a training run's output_dir (its latest "
+                        "checkpoint); default: the base model alone")
+    v.add_argument("--compare", default=None, metavar="PATH",
+                   help="also evaluate PATH (export, run directory, or 'base') on the same "
+                        "examples and print A (--lora, or base) | B (PATH) | delta")
+    v.add_argument("--data", required=True,
+                   help="dataset spec, e.g. gsm8k:test, gsm8k:PATH, reasoning-gym:TASK, "
+                        "jsonl:PATH#question=COL&answer=COL")
+    v.add_argument("--num-examples", type=int, required=True)
+    v.add_argument("--k", type=int, default=1, help="the k of pass@k (default 1)")
+    v.add_argument("--num-samples", type=int, default=None,
+                   help="completions per example, >= k (default k)")
+    v.add_argument("--temperature", type=float, default=None,
+                   help="default 0 (greedy) for one sample, 0.8 for more")
+    v.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"completion budget (default {DEFAULT_MAX_NEW_TOKENS})")
+    v.add_argument("--batch-size", type=int, default=8, help="completions generated at once")
+    v.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
+    v.add_argument("--out", default="eval_results.json",
+                   help="JSON summary (default eval_results.json); the per-example JSONL goes "
+                        "beside it with suffix .jsonl")
+    v.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a run's reward (total and per function), KL, loss "
+                                    "and completion length as a PNG")
+    p.add_argument("run_dir", help="the run's output_dir (holding metrics.jsonl)")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/training_curves.png)")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 

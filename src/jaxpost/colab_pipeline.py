@@ -1,9 +1,9 @@
 """The notebook's API: one call per stage, ``run_full_pipeline`` for all of them.
 
-    Config -> Session -> TrainerState -> exported checkpoint
+    Config -> Session -> TrainerState -> exported checkpoint -> evaluation report
 
 This module is a thin facade over ``config``, ``platform``, ``credentials``, ``session``,
-``train``, ``export`` and ``plots``; the notebook (``demo/train_colab.ipynb``) and
+``train``, ``export``, ``evaluate`` and ``plots``; the notebook (``demo/train_colab.ipynb``) and
 ``jaxpost train`` call only these.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
 from jaxpost.credentials import Credentials, resolve_credentials
+from jaxpost.evaluate import Comparison, EvalReport, compare, evaluate
 from jaxpost.export import export_checkpoint
 from jaxpost.hf_export import export_from_lora_dir, export_run, push_to_hub
 from jaxpost.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
@@ -25,7 +26,9 @@ from jaxpost.train import TrainerState, train_grpo
 __all__ = [
     "ColabTrainingConfig",
     "ColabSession",
+    "Comparison",
     "Credentials",
+    "EvalReport",
     "PlatformInfo",
     "TrainerState",
     "describe",
@@ -42,6 +45,8 @@ __all__ = [
     "quick_test",
     "run_full_pipeline",
     "show_training_curves",
+    "evaluate",
+    "compare",
 ]
 
 DEFAULT_TEST_QUESTION = "Calculate 7 + 5."

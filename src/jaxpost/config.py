@@ -125,7 +125,9 @@ class ColabTrainingConfig:
       output_dir: root for checkpoints, TensorBoard logs and exports.
       save_interval_steps, max_to_keep: checkpoint cadence and retention.
       save_to_drive / drive_dir: also copy artifacts to Google Drive on Colab.
-    Logging: log_every_steps (metric cadence), tensorboard (write event files).
+    Logging: log_every_steps (metric cadence), tensorboard (write event files),
+      wandb_project (also log to this Weights & Biases project; needs `pip install wandb`
+      and a login; None = off).
     Mesh: mesh_fsdp (FSDP axis size, None = all local devices), mesh_tp (tensor-parallel).
     seed: PRNG seed for sampling, data order and LoRA initialisation.
     """
@@ -192,6 +194,7 @@ class ColabTrainingConfig:
 
     log_every_steps: int = 1
     tensorboard: bool = True
+    wandb_project: str | None = None
 
     mesh_fsdp: int | None = None
     mesh_tp: int = 1
@@ -218,6 +221,9 @@ class ColabTrainingConfig:
         except re.error as e:
             raise ValueError(f"lora_target_modules={v.lora_target_modules!r} is invalid: "
                              f"must be a valid regular expression ({e})") from e
+        if v.wandb_project is not None:
+            _require(v.wandb_project.strip() != "", "wandb_project", v.wandb_project,
+                     "a project name, or None to log without Weights & Biases")
         for name in ("dataset", "output_dir", "drive_dir"):
             _require(getattr(v, name) != "", name, getattr(v, name), "must be non-empty")
         for name in ("reasoning_tag", "answer_tag"):

@@ -1,4 +1,5 @@
-"""Training curves of a run: reward, KL, loss and completion length by step.
+"""Training curves of a run: reward (total and per reward function), KL, loss and
+completion length by step.
 
 Read from the run directory's ``metrics.jsonl`` (:func:`jaxpost.train.read_metrics`), so
 they can be drawn during a run, after it, or in a new session. Drawn with matplotlib's
@@ -14,9 +15,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 PLOT_FILE = "training_curves.png"
-# (metric in metrics.jsonl, panel title)
+# (metric in metrics.jsonl, panel title); the reward panel also draws every
+# ``rewards/<function>`` metric of the run.
 CURVES = (
-    ("reward", "mean reward"),
+    ("reward", "mean reward (total and per function)"),
     ("kl", "KL to the reference"),
     ("loss", "GRPO loss"),
     ("completion_length", "completion length (tokens)"),
@@ -25,6 +27,9 @@ CURVES = (
 
 def training_figure(output_dir: str | os.PathLike) -> Figure:
     """A 2x2 figure of the run's curves; a metric never logged says so in its panel.
+
+    The reward panel draws the total reward and, with a legend, each reward function's
+    batch mean (``rewards/<name>`` in ``metrics.jsonl``, weights applied).
 
     Raises:
       FileNotFoundError: the run directory has no metrics yet.
@@ -37,25 +42,47 @@ def training_figure(output_dir: str | os.PathLike) -> Figure:
                                 "first (train_grpo or run_full_pipeline with this output_dir)")
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     FigureCanvasAgg(fig)
+    per_reward = sorted({k for r in rows for k in r if k.startswith("rewards/")})
     for ax, (name, title) in zip(fig.subplots(2, 2).flat, CURVES):
-        points = [(r["step"], r[name]) for r in rows if name in r]
         ax.set_title(title)
         ax.set_xlabel("step")
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="o", markersize=3)
-        else:
+        # The total last, in black on top: it often equals one function's curve.
+        names = [*per_reward, name] if name == "reward" else [name]
+        drawn = 0
+        for curve in names:
+            points = [(r["step"], r[curve]) for r in rows if curve in r]
+            if points:
+                steps, values = zip(*points)
+                label = "total" if curve == "reward" else curve.removeprefix("rewards/")
+                style = ({"color": "black", "linewidth": 1.5, "linestyle": "--", "zorder": 3}
+                         if curve == "reward" and per_reward else {})
+                ax.plot(steps, values, marker="o", markersize=3, label=label, **style)
+                drawn += 1
+        if drawn == 0:
             ax.text(0.5, 0.5, f"'{name}' not logged", ha="center", va="center",
                     transform=ax.transAxes)
+        elif len(names) > 1:
+            ax.legend(fontsize="small")
     fig.suptitle(f"{Path(output_dir).name}: {len(rows)} steps")
     return fig
 
 
 def plot_training_curves(output_dir: str | os.PathLike, path: str | os.PathLike | None = None
                          ) -> Path:
-    """Writes the curves as a PNG (default ``<output_dir>/training_curves.png``)."""
+    """Writes the curves as a PNG (default ``<output_dir>/training_curves.png``), atomically.
+
+    Raises:
+      FileNotFoundError: the run directory has no metrics yet.
+    """
     path = Path(path) if path is not None else Path(output_dir) / PLOT_FILE
-    training_figure(output_dir).savefig(path, dpi=100)
+    figure = training_figure(output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

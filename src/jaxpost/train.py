@@ -110,10 +110,15 @@ class MetricsRecorder:
     Every scalar goes to ``metrics.jsonl`` (appended, so a resumed run continues the
     file) and to an in-memory history; a one-line progress report is printed per step.
     A non-finite loss raises :class:`TrainingDiverged` before that step is checkpointed.
+    With ``wandb_run`` (a Weights & Biases run), every recorded value is also logged
+    there, against the ``step`` metric (rollout metrics arrive one step ahead of the loss,
+    so W&B's own monotonic step cannot be used).
     """
 
-    def __init__(self, path: Path, total_steps: int, log_every: int, schedule=None):
+    def __init__(self, path: Path, total_steps: int, log_every: int, schedule=None,
+                 wandb_run=None):
         self.path = path
+        self.wandb_run = wandb_run
         self.schedule = schedule
         self.total_steps = total_steps
         self.log_every = log_every
@@ -154,6 +159,8 @@ class MetricsRecorder:
             return  # Tunix's cluster and trainer loggers both forward each event
         row[name] = value
         self._file.write(json.dumps({"step": step, "name": name, "value": value}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({"step": step, name: value})
 
     def _report(self, step: int) -> None:
         if step in self._printed or (step % self.log_every and step != self.total_steps):
@@ -175,6 +182,32 @@ class MetricsRecorder:
 
     def close(self) -> None:
         self._file.close()
+
+
+def start_wandb(config: ColabTrainingConfig):
+    """A Weights & Biases run for ``config.wandb_project`` (None when it is not set).
+
+    The run's config is the training config (which never holds secrets); W&B reads its
+    API key from its own login or ``WANDB_API_KEY``.
+
+    Raises:
+      ValueError: ``wandb_project`` is set but the ``wandb`` package is not installed.
+    """
+    if config.wandb_project is None:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"wandb_project={config.wandb_project!r} needs the wandb package: "
+                         "pip install wandb (and wandb login), or set wandb_project=none"
+                         ) from None
+    from jaxpost.config import to_dict
+
+    run = wandb.init(project=config.wandb_project, config=to_dict(config),
+                     dir=str(config.output_dir), name=Path(config.output_dir).name)
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, float]]:
@@ -216,6 +249,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
             f"{config.num_batches}); call prepare_colab_session(config) with this config")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    wandb_run = start_wandb(config)
     save_yaml(config, str(out / CONFIG_FILE))
     ckpt_dir = tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)
     resumed_from = tunix_adapter.latest_checkpoint_step(ckpt_dir)
@@ -228,7 +262,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
                   f"{config.checkpoint_dir}", flush=True)
 
     recorder = MetricsRecorder(out / METRICS_FILE, config.total_steps, config.log_every_steps,
-                               schedule=make_schedule(config))
+                               schedule=make_schedule(config), wandb_run=wandb_run)
     backends = [lambda: recorder]
     if config.tensorboard:
         from metrax.logging.tensorboard_backend import TensorboardBackend
@@ -257,6 +291,8 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
         finally:
             cluster.close()  # flushes buffered metrics and unregisters the loggers
             recorder.close()
+            if wandb_run is not None:
+                wandb_run.finish()
     step = tunix_adapter.latest_checkpoint_step(ckpt_dir) or 0
     print(f"jaxpost: training finished at step {step} in {time.time() - t0:.0f}s", flush=True)
     return TrainerState(config=config, lora_model=cluster.actor_trainer.model, step=step,

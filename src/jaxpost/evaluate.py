@@ -1,0 +1,681 @@
+"""Evaluation: accuracy, format compliance, partial credit and pass@k of a model on a dataset.
+
+    exported checkpoint (or run directory) -> evaluation report
+
+:func:`evaluate` scores one model (a base model, optionally with trained LoRA adapters)
+on the first ``num_examples`` examples of a dataset spec; :func:`compare` scores two
+(base vs trained, or two checkpoints) on the same examples with the same seeds and
+prints them side by side. Both check their arguments, the dataset and the adapter
+paths before loading a model, and load a shared base model once.
+
+Prompts are formatted as in training: with the ``config.yaml`` of the run or export
+given as ``lora`` (template, system prompt, tags). The base model of a comparison uses
+the prompt settings of the other side, so both answer the same prompts.
+
+Metrics (means over examples; each example has ``num_samples`` completions):
+
+* ``accuracy`` -- fraction of completions whose answer is exactly right: the
+  ``reasoning_gym`` verifier for reasoning-gym datasets (score 1.0), ``answer_match``
+  (score 1.0, i.e. equal after normalisation) otherwise;
+* ``format_rate`` -- fraction with ``format_exact`` 1.0;
+* ``partial_credit`` -- mean ``answer_match`` score (1, 0.5 within 10%, 0.25 within 20%);
+* ``pass@k`` -- the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language
+  Models Trained on Code"), ``1 - C(n - c, k) / C(n, k)`` for n samples, c correct;
+* ``mean_completion_tokens`` -- completion length, the text re-tokenised;
+* ``truncated_rate`` -- fraction whose re-tokenised length reaches ``max_new_tokens``
+  (cut off before finishing; re-tokenising can count a token fewer, so a lower bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = [
+    "BASE",
+    "Comparison",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "EvalReport",
+    "aggregate",
+    "compare",
+    "comparison_table",
+    "evaluate",
+    "examples_path",
+    "pass_at_k",
+    "score_completions",
+]
+
+# GSM8K solutions of a 270M-1B model take 100-200 tokens; 256 lets most of them finish.
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MODEL = "embedded:gemma3-270m"
+# Sampling temperature when more than one sample per example is drawn (pass@k, k > 1).
+DEFAULT_SAMPLE_TEMPERATURE = 0.8
+# The word that stands for "the base model, no adapters" where a LoRA path is expected.
+BASE = "base"
+
+_METRIC_ORDER = ("accuracy", "format_rate", "partial_credit", "pass@{k}",
+                 "mean_completion_tokens", "truncated_rate")
+
+
+# ---------------------------------------------------------------------------
+# Scoring (pure)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem: ``1 - C(n - c, k) / C(n, k)`` (Chen et al. 2021).
+
+    The probability that at least one of ``k`` completions drawn without replacement
+    from ``n`` generated ones, ``c`` of them correct, is correct.
+
+    Raises:
+      ValueError: unless ``0 <= c <= n`` and ``1 <= k <= n``.
+
+    >>> pass_at_k(5, 0, 1), pass_at_k(5, 5, 3), pass_at_k(4, 1, 2)
+    (0.0, 1.0, 0.5)
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n correct samples, got c={c}, n={n}")
+    if n - c < k:
+        return 1.0
+    # The product form of the ratio of binomials stays exact in floats for large n.
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _answer_reward_name(example: dict) -> str:
+    return "reasoning_gym" if "task" in example and "entry" in example else "answer_match"
+
+
+def _count_tokens(tokenizer, text: str) -> int:
+    ids = list(tokenizer.encode(text))
+    if ids and ids[0] == tokenizer.bos_id():
+        ids = ids[1:]
+    return len(ids)
+
+
+def score_completions(example: dict, completions: Sequence[str], *, reasoning_tag: str = "reasoning",
+                      answer_tag: str = "answer", max_new_tokens: int | None = None,
+                      k: int = 1, tokenizer=None) -> dict[str, Any]:
+    """Scores one example's completions and returns its per-example record.
+
+    Args:
+      example: a dataset example (``question``, ``answer`` and, for reasoning-gym,
+        ``task`` and ``entry``), as from ``jaxpost.data.load_examples``.
+      completions: the example's n >= k completions.
+      reasoning_tag, answer_tag: the tags the prompt asked for.
+      max_new_tokens: the generation budget, for ``truncated``; None leaves it out.
+      k: the k of pass@k.
+      tokenizer: a tokenizer adapter (``encode``, ``bos_id``) for token counts; None
+        leaves them out.
+
+    Returns:
+      A JSON-serialisable dict: ``question``, ``reference``, ``answer_reward`` (the
+      reward that decides correctness), and per completion (lists in order)
+      ``completions``, ``extracted`` (text in the answer tag, or None), ``answer_score``,
+      ``correct`` (answer score 1.0), ``format`` (``format_exact``),
+      ``partial_credit`` (``answer_match``), ``tokens`` and ``truncated`` (when a
+      tokenizer is given); and ``pass@k``.
+    """
+    from jaxpost import rewards
+
+    completions = list(completions)
+    n = len(completions)
+    columns = {key: [example[key]] * n for key in ("answer", "task", "entry") if key in example}
+    tags = {"reasoning_tag": reasoning_tag, "answer_tag": answer_tag}
+    reward_name = _answer_reward_name(example)
+    prompts = [example["question"]] * n
+    partial = rewards.answer_match(prompts, completions, answer_tag=answer_tag, **columns)
+    if reward_name == "reasoning_gym":
+        answer_scores = rewards.reasoning_gym(prompts, completions, answer_tag=answer_tag,
+                                              **columns)
+    else:
+        answer_scores = partial
+    correct = [score >= 1.0 for score in answer_scores]
+    record: dict[str, Any] = {
+        "question": example["question"],
+        "reference": example["answer"],
+        "answer_reward": reward_name,
+        "completions": completions,
+        "extracted": [rewards.extract_answer(c, answer_tag) for c in completions],
+        "answer_score": [float(s) for s in answer_scores],
+        "correct": correct,
+        "format": rewards.format_exact(prompts, completions, **tags),
+        "partial_credit": [float(s) for s in partial],
+        f"pass@{k}": pass_at_k(n, sum(correct), k),
+    }
+    if tokenizer is not None:
+        tokens = [_count_tokens(tokenizer, c) for c in completions]
+        record["tokens"] = tokens
+        if max_new_tokens is not None:
+            record["truncated"] = [t >= max_new_tokens for t in tokens]
+    return record
+
+
+def aggregate(records: Sequence[dict], k: int = 1) -> dict[str, float]:
+    """The report's metrics from per-example records of :func:`score_completions`.
+
+    Each example counts once: a per-completion value is first averaged over the
+    example's completions, then over examples. Token metrics appear only when the
+    records have ``tokens`` / ``truncated``.
+
+    Raises:
+      ValueError: no records.
+    """
+    if not records:
+        raise ValueError("no examples to aggregate")
+
+    def mean_of(key: str) -> float:
+        return sum(sum(map(float, r[key])) / len(r[key]) for r in records) / len(records)
+
+    metrics = {
+        "accuracy": mean_of("correct"),
+        "format_rate": mean_of("format"),
+        "partial_credit": mean_of("partial_credit"),
+        f"pass@{k}": sum(r[f"pass@{k}"] for r in records) / len(records),
+    }
+    if all("tokens" in r for r in records):
+        metrics["mean_completion_tokens"] = mean_of("tokens")
+    if all("truncated" in r for r in records):
+        metrics["truncated_rate"] = mean_of("truncated")
+    return metrics
+
+
+# ---------------------------------------------------------------------------
+# Reports
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """One model's evaluation.
+
+    Attributes:
+      label: what was evaluated (``"base"``, or the LoRA export / run directory).
+      settings: model, lora, checkpoint step, data, counts, sampling settings and the
+        prompt settings used.
+      metrics: see the module docstring; ``pass@k`` is keyed by its k (``"pass@1"``).
+      examples: per-example records (:func:`score_completions`) with ``index`` and
+        ``prompt`` added.
+      seconds: wall time of generation and scoring (model loading excluded).
+    """
+
+    label: str
+    settings: dict[str, Any]
+    metrics: dict[str, float]
+    examples: list[dict[str, Any]]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary: label, settings, metrics and seconds (no per-example data)."""
+        return {"label": self.label, "settings": self.settings, "metrics": self.metrics,
+                "seconds": round(self.seconds, 2)}
+
+    def table(self) -> str:
+        """The metrics as a two-column text table."""
+        rows = [(name, _fmt(name, value)) for name, value in _ordered(self.metrics)]
+        return _table(("metric", self.label), rows)
+
+    def write(self, out: str | os.PathLike) -> tuple[Path, Path]:
+        """Writes the summary to ``out`` (JSON) and the examples to :func:`examples_path`.
+
+        Both files are written atomically. Returns ``(summary_path, examples_path)``.
+        """
+        out = Path(out)
+        jsonl = examples_path(out)
+        _write_atomic(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                     for r in self.examples))
+        _write_atomic(out, json.dumps({**self.summary(), "examples_file": jsonl.name},
+                                      indent=2, ensure_ascii=False) + "\n")
+        return out, jsonl
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Two evaluations on the same examples and seeds: ``a`` (reference) and ``b``."""
+
+    a: EvalReport
+    b: EvalReport
+
+    def table(self) -> str:
+        """``metric | A | B | delta`` with delta = B - A."""
+        return comparison_table(self.a, self.b)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary: both summaries and the deltas (B - A) of shared metrics."""
+        shared = [m for m in self.a.metrics if m in self.b.metrics]
+        return {"a": self.a.summary(), "b": self.b.summary(),
+                "delta": {m: self.b.metrics[m] - self.a.metrics[m] for m in shared}}
+
+    def write(self, out: str | os.PathLike) -> tuple[Path, Path]:
+        """Writes the summary to ``out`` (JSON) and one JSONL line per example to
+        :func:`examples_path` (``{"index", "question", "reference", "a": {...},
+        "b": {...}}``), both atomically. Returns ``(summary_path, examples_path)``."""
+        out = Path(out)
+        jsonl = examples_path(out)
+        lines = []
+        for ra, rb in zip(self.a.examples, self.b.examples):
+            shared = {key: ra[key] for key in ("index", "question", "reference")}
+            side = lambda r: {key: v for key, v in r.items() if key not in shared}  # noqa: E731
+            lines.append(json.dumps({**shared, "a": side(ra), "b": side(rb)},
+                                    ensure_ascii=False) + "\n")
+        _write_atomic(jsonl, "".join(lines))
+        _write_atomic(out, json.dumps({**self.summary(), "examples_file": jsonl.name},
+                                      indent=2, ensure_ascii=False) + "\n")
+        return out, jsonl
+
+
+def comparison_table(a: EvalReport, b: EvalReport) -> str:
+    """A text table ``metric | A: label | B: label | delta`` (delta = B - A)."""
+    rows = []
+    for name, value in _ordered(a.metrics):
+        if name not in b.metrics:
+            continue
+        delta = b.metrics[name] - value
+        rows.append((name, _fmt(name, value), _fmt(name, b.metrics[name]),
+                     ("+" if delta >= 0 else "") + _fmt(name, delta)))
+    return _table(("metric", f"A: {a.label}", f"B: {b.label}", "delta"), rows)
+
+
+def examples_path(out: str | os.PathLike) -> Path:
+    """Where the per-example JSONL of summary file ``out`` goes: ``out`` with suffix
+    ``.jsonl`` (``eval.json`` -> ``eval.jsonl``, ``results`` -> ``results.jsonl``).
+
+    Raises:
+      ValueError: ``out`` itself ends in ``.jsonl`` (the two files would collide).
+    """
+    out = Path(out)
+    if out.suffix == ".jsonl":
+        raise ValueError(f"out={str(out)!r} ends in .jsonl, where the per-example file goes; "
+                         "name the JSON summary, e.g. eval.json (examples: eval.jsonl)")
+    return out.with_suffix(".jsonl")
+
+
+def _ordered(metrics: dict[str, float]) -> list[tuple[str, float]]:
+    def rank(name: str) -> int:
+        key = "pass@{k}" if name.startswith("pass@") else name
+        return _METRIC_ORDER.index(key) if key in _METRIC_ORDER else len(_METRIC_ORDER)
+
+    return sorted(metrics.items(), key=lambda item: rank(item[0]))
+
+
+def _fmt(name: str, value: float) -> str:
+    return f"{value:.1f}" if name == "mean_completion_tokens" else f"{value:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(str(cell).ljust(w) for cell, w in zip(header, widths)).rstrip(),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+              for row in rows]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        # mkstemp creates the file 0600; results are meant to be shared like any output.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Adapters: export directories and run directories
+
+
+@dataclasses.dataclass(frozen=True)
+class _Adapters:
+    """A resolved ``lora`` argument: where the adapters are and the config they carry."""
+
+    path: Path
+    kind: str  # "export" or "run"
+    config: Any  # ColabTrainingConfig
+    step: int | None
+
+
+def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
+    """Checks a ``lora`` path without loading a model; None (or "base") for no adapters."""
+    from jaxpost import tunix_adapter
+    from jaxpost.config import load_yaml
+    from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG, EXPORT_METRICS
+    from jaxpost.train import CONFIG_FILE
+
+    if lora is None or str(lora) == BASE:
+        return None
+    path = Path(lora).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"lora={str(lora)!r} is not a directory: give a LoRA export directory "
+                         f"(holding {ADAPTER_FILE}) or a training run's output_dir")
+    if (path / ADAPTER_FILE).is_file():
+        if not (path / EXPORT_CONFIG).is_file():
+            raise ValueError(f"lora={str(lora)!r} has {ADAPTER_FILE} but no {EXPORT_CONFIG}: "
+                             "re-export it with jaxpost export RUN_DIR")
+        step = None
+        metrics = path / EXPORT_METRICS
+        if metrics.is_file():
+            step = json.loads(metrics.read_text()).get("step")
+        return _Adapters(path, "export", load_yaml(str(path / EXPORT_CONFIG)), step)
+    if not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"lora={str(lora)!r} holds neither {ADAPTER_FILE} (a LoRA export) nor "
+                         f"{CONFIG_FILE} (a training run's output_dir)")
+    ckpt_dir = tunix_adapter.actor_checkpoint_dir(path / "checkpoints")
+    step = tunix_adapter.latest_checkpoint_step(ckpt_dir)
+    if step is None:
+        raise ValueError(f"lora={str(lora)!r} is a run directory without a finished checkpoint "
+                         f"in {ckpt_dir}: train first (jaxpost train --set output_dir={path})")
+    return _Adapters(path, "run", load_yaml(str(path / CONFIG_FILE)), step)
+
+
+def _adapted_model(loaded, adapters: _Adapters):
+    """The base model of ``loaded`` with ``adapters`` applied (base weights shared)."""
+    from jaxpost import tunix_adapter
+    from jaxpost.export import _flatten, _strip_value_keys, load_lora_export, set_lora_arrays
+    from jaxpost.lora import apply_lora
+
+    if adapters.kind == "export":
+        return load_lora_export(adapters.path, loaded)
+    config = adapters.config
+    ckpt_dir = tunix_adapter.actor_checkpoint_dir(adapters.path / "checkpoints")
+    _, params = tunix_adapter.restore_lora_params(ckpt_dir, adapters.step)
+    model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank, alpha=config.lora_alpha,
+                       target_modules=config.lora_target_modules)
+    set_lora_arrays(model, _flatten(_strip_value_keys(params)))
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    data: str
+    num_examples: int
+    k: int
+    num_samples: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    max_new_tokens: int
+    batch_size: int
+    seed: int
+
+
+def _check_options(*, data, num_examples, k, num_samples, temperature, top_k, top_p,
+                   max_new_tokens, batch_size, seed, out) -> _Options:
+    from jaxpost.data import parse_dataset_spec
+
+    if not isinstance(data, str) or not data.strip():
+        raise ValueError(f"data={data!r} is invalid: give a dataset spec such as "
+                         "gsm8k:test, reasoning-gym:TASK or jsonl:PATH")
+    parse_dataset_spec(data)
+    for name, value in (("num_examples", num_examples), ("k", k),
+                        ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+    num_samples = k if num_samples is None else num_samples
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < k:
+        raise ValueError(f"num_samples={num_samples!r} is invalid: pass@k needs at least k={k} "
+                         "samples per example")
+    if temperature is None:
+        temperature = 0.0 if num_samples == 1 else DEFAULT_SAMPLE_TEMPERATURE
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is invalid: must be >= 0 (0 = greedy)")
+    if temperature == 0 and num_samples > 1:
+        raise ValueError(f"temperature=0 with num_samples={num_samples} is invalid: greedy "
+                         "decoding gives identical samples; set temperature > 0 for pass@k "
+                         "with k > 1")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} is invalid: must be None or >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} is invalid: must be None or in (0, 1]")
+    if out is not None:
+        examples_path(out)
+    return _Options(data, num_examples, k, num_samples, float(temperature), top_k, top_p,
+                    max_new_tokens, batch_size, int(seed))
+
+
+def _prompt_config(model_source: str, own: _Adapters | None, other: _Adapters | None):
+    """The config whose prompt settings format the prompts of one side."""
+    from jaxpost.config import ColabTrainingConfig
+
+    for adapters in (own, other):
+        if adapters is not None:
+            return adapters.config
+    return ColabTrainingConfig(model=model_source)
+
+
+def _base_key(model_source: str | None, adapters: Sequence[_Adapters | None]):
+    """(model source, dtype, seed) of the base model; the adapters' own base by default."""
+    trained = [a.config for a in adapters if a is not None]
+    if model_source is None:
+        model_source = trained[0].model if trained else DEFAULT_MODEL
+    for config in trained:
+        if config.model != model_source:
+            print(f"jaxpost eval: warning: adapters trained on {config.model!r} are applied to "
+                  f"{model_source!r}", file=sys.stderr, flush=True)
+    dtype = trained[0].dtype if trained else "float32"
+    # A random: model's weights come from its seed; the adapters need the same weights.
+    seed = trained[0].seed if trained else 0
+    return model_source, dtype, seed
+
+
+def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_config,
+         examples: list[dict], opts: _Options) -> EvalReport:
+    """Generates and scores every example with ``model``; prints a progress line per batch."""
+    from jaxpost.prompts import format_prompt, resolve_chat_template, system_text
+    from jaxpost.sampling import generate, make_sampler
+
+    t0 = time.time()
+    template = resolve_chat_template(prompt_config.model, prompt_config.chat_template)
+    prompts = [format_prompt(e["question"], prompt_config, template=template) for e in examples]
+    n = opts.num_samples
+    rows = [p for p in prompts for _ in range(n)]  # [examples * n]
+    # One prompt length and one batch shape for every batch: nothing recompiles.
+    prompt_len = max(len(loaded.tokenizer.encode(p)) for p in prompts) + 1
+    sampler = make_sampler(model, loaded, cache_size=prompt_len + opts.max_new_tokens)
+    size = opts.batch_size
+    texts: list[str] = []
+    batches = math.ceil(len(rows) / size)
+    for b in range(batches):
+        batch = rows[b * size:(b + 1) * size]
+        padded = batch + [batch[-1]] * (size - len(batch))
+        out = generate(loaded, padded, max_new_tokens=opts.max_new_tokens,
+                       temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                       seed=opts.seed + b, max_prompt_length=prompt_len, sampler=sampler)
+        texts.extend(out[:len(batch)])
+        done = min(len(texts) // n, len(examples))
+        print(f"jaxpost eval [{label}]: batch {b + 1}/{batches}, {done}/{len(examples)} "
+              f"examples, {time.time() - t0:.0f}s", flush=True)
+
+    records = []
+    for i, (example, prompt) in enumerate(zip(examples, prompts)):
+        record = score_completions(example, texts[i * n:(i + 1) * n],
+                                   reasoning_tag=prompt_config.reasoning_tag,
+                                   answer_tag=prompt_config.answer_tag,
+                                   max_new_tokens=opts.max_new_tokens, k=opts.k,
+                                   tokenizer=loaded.tokenizer)
+        records.append({"index": i, "prompt": prompt, **record})
+    settings = {
+        "model": loaded.source,
+        "lora": None if adapters is None else str(adapters.path),
+        "lora_kind": None if adapters is None else adapters.kind,
+        "checkpoint_step": None if adapters is None else adapters.step,
+        **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)},
+        "num_examples": len(examples),
+        "chat_template": template,
+        "system_prompt": system_text(prompt_config),
+        "answer_reward": sorted({r["answer_reward"] for r in records}),
+    }
+    return EvalReport(label, settings, aggregate(records, opts.k), records, time.time() - t0)
+
+
+def _load_examples(opts: _Options) -> list[dict]:
+    from jaxpost.data import load_examples
+
+    examples = load_examples(opts.data, seed=opts.seed, max_examples=opts.num_examples)
+    if len(examples) < opts.num_examples:
+        print(f"jaxpost eval: {opts.data} has {len(examples)} examples, fewer than "
+              f"num_examples={opts.num_examples}; evaluating all of them", flush=True)
+    return examples[:opts.num_examples]
+
+
+def _label(adapters: _Adapters | None) -> str:
+    if adapters is None:
+        return BASE
+    step = f" @{adapters.step}" if adapters.step is not None else ""
+    return f"{adapters.path}{step}"
+
+
+def evaluate(
+    model_source: str | None = None,
+    *,
+    lora: str | os.PathLike | None = None,
+    data: str,
+    num_examples: int = 100,
+    k: int = 1,
+    num_samples: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    loaded=None,
+) -> EvalReport:
+    """Evaluates a model, with or without trained LoRA adapters, on a dataset.
+
+    Args:
+      model_source: the base model (``jaxpost.models.load_model`` forms); default: the
+        model the adapters were trained on, else ``embedded:gemma3-270m``.
+      lora: a LoRA export directory, or a training run's ``output_dir`` (its latest
+        finished checkpoint); None or ``"base"`` for the base model alone. Its
+        ``config.yaml`` gives the prompt settings, dtype and seed of the base.
+      data: a dataset spec (``jaxpost.data.DATASET_FORMS``), e.g. ``gsm8k:test``.
+      num_examples: the first this many examples of the seeded order.
+      k: the k of pass@k.
+      num_samples: completions per example, n >= k (default k).
+      temperature: default 0 (greedy) for one sample, 0.8 for more; must be > 0 for
+        more than one sample.
+      top_k, top_p: sampling filters (ignored when greedy).
+      max_new_tokens: completion budget per sample.
+      batch_size: completions generated at once.
+      seed: data order (and reasoning-gym generation) and sampling seed; batch ``b``
+        samples with ``seed + b``.
+      out: write the JSON summary here and the per-example JSONL beside it
+        (:func:`examples_path`); None writes nothing.
+      loaded: an already loaded base model to use instead of loading ``model_source``.
+
+    Returns:
+      The report (its ``table()`` prints the metrics).
+
+    Raises:
+      ValueError: a bad argument, dataset spec or adapter path (before any model is
+        loaded), or adapters that do not fit the model.
+      FileNotFoundError: a dataset file is missing (before any model is loaded).
+    """
+    opts = _check_options(data=data, num_examples=num_examples, k=k, num_samples=num_samples,
+                          temperature=temperature, top_k=top_k, top_p=top_p,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                          out=out)
+    adapters = _resolve_adapters(lora)
+    examples = _load_examples(opts)
+    source, dtype, model_seed = _base_key(model_source, [adapters])
+    prompt_config = _prompt_config(source, adapters, None)
+    if loaded is None:
+        loaded = _load(source, dtype, model_seed)
+    model = loaded.model if adapters is None else _adapted_model(loaded, adapters)
+    report = _run(loaded, model, _label(adapters), adapters, prompt_config, examples, opts)
+    if out is not None:
+        summary, jsonl = report.write(out)
+        print(f"jaxpost eval: wrote {summary} and {jsonl}", flush=True)
+    return report
+
+
+def compare(
+    model_source: str | None = None,
+    *,
+    lora_a: str | os.PathLike | None = None,
+    lora_b: str | os.PathLike | None,
+    data: str,
+    num_examples: int = 100,
+    k: int = 1,
+    num_samples: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    loaded=None,
+) -> Comparison:
+    """Evaluates A and B on the same examples with the same seeds (see :func:`evaluate`).
+
+    Args:
+      lora_a, lora_b: each a LoRA export, a run directory, or None / ``"base"`` for the
+        base model; typically A = base and B = trained.
+      out: the JSON summary (both reports and the deltas) and, beside it, one JSONL
+        line per example with both sides (:meth:`Comparison.write`).
+      loaded: an already loaded base model (a notebook session's ``session.loaded``)
+        used for both sides instead of loading one.
+      The other arguments are those of :func:`evaluate`.
+
+    A base model shared by both sides (same source, dtype and seed) is loaded once; a
+    side without adapters uses the other side's prompt settings.
+
+    Returns:
+      The comparison; ``table()`` gives ``metric | A | B | delta``.
+    """
+    opts = _check_options(data=data, num_examples=num_examples, k=k, num_samples=num_samples,
+                          temperature=temperature, top_k=top_k, top_p=top_p,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                          out=out)
+    sides = [_resolve_adapters(lora_a), _resolve_adapters(lora_b)]
+    if sides[0] is None and sides[1] is None:
+        raise ValueError("compare needs adapters on at least one side: lora_a and lora_b are "
+                         "both the base model")
+    examples = _load_examples(opts)
+    keys = [_base_key(model_source, [s]) if s is not None else None for s in sides]
+    shared = next(key for key in keys if key is not None)
+    keys = [key or shared for key in keys]
+    models: dict[tuple, Any] = {} if loaded is None else {key: loaded for key in keys}
+    reports = []
+    for i, (adapters, key) in enumerate(zip(sides, keys)):
+        if key not in models:
+            models.clear()  # free the other base before loading a second one
+            models[key] = _load(*key)
+        loaded = models[key]
+        model = loaded.model if adapters is None else _adapted_model(loaded, adapters)
+        prompt_config = _prompt_config(key[0], adapters, sides[1 - i])
+        reports.append(_run(loaded, model, _label(adapters), adapters, prompt_config,
+                            examples, opts))
+    result = Comparison(*reports)
+    if out is not None:
+        summary, jsonl = result.write(out)
+        print(f"jaxpost eval: wrote {summary} and {jsonl}", flush=True)
+    return result
+
+
+def _load(source: str, dtype: str, seed: int):
+    from jaxpost.cache import enable_compilation_cache
+    from jaxpost.models import load_model
+
+    enable_compilation_cache()
+    return load_model(source, dtype=dtype, seed=seed)
