@@ -76,6 +76,27 @@ def test_export_reloads_to_identical_logits(smoke_run):
     assert np.abs(trained - base).max() > 1e-6  # the adapters do change the model
 
 
+def test_evaluating_the_run_dir_uses_its_checkpoint(smoke_run, tmp_path):
+    """``evaluate(lora=RUN_DIR)`` reads the latest checkpoint: same completions as its export."""
+    import json
+
+    from jaxpost.evaluate import evaluate
+
+    config, session, state, _, _ = smoke_run
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)})
+                            + "\n" for i in range(2)))
+    kwargs = dict(data=f"jsonl:{data}", num_examples=2, max_new_tokens=6, batch_size=2,
+                  loaded=session.loaded)
+    from_run = evaluate(lora=config.output_dir, **kwargs)
+    from_export = evaluate(lora=export_checkpoint(config, state), **kwargs)
+    assert from_run.settings["checkpoint_step"] == state.step == 2
+    completions = [e["completions"] for e in from_run.examples]
+    assert completions == [e["completions"] for e in from_export.examples]
+    base = evaluate(lora=None, **kwargs)
+    assert completions != [e["completions"] for e in base.examples]
+
+
 def test_resume_continues_from_latest_checkpoint(smoke_run, capsys):
     config, session, _, _, _ = smoke_run
     longer = dataclasses.replace(config, max_steps=3)

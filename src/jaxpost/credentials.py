@@ -253,6 +253,26 @@ def resolve_credentials(hf_token: str | None = None, kaggle_username: str | None
                        notes=tuple(lookup.notes))
 
 
+def resolve_secret(name: str, explicit: str | None = None, *,
+                   sources: SecretSources | None = None) -> Secret | None:
+    """One secret by name, looked up like the hub secrets: ``explicit``, Colab secrets,
+    Kaggle secrets, then the environment (empty values count as absent).
+
+    Returns:
+      A :class:`Secret`, or None when no store has it.
+    """
+    if explicit:
+        return Secret(explicit)
+    lookup = _Lookup(SecretSources.detect() if sources is None else sources)
+    for origin in SOURCE_ORDER:
+        if origin == "explicit":
+            continue
+        value = getattr(lookup, origin)(name)
+        if isinstance(value, str) and value.strip():
+            return Secret(value.strip())
+    return None
+
+
 def missing_secret_message(what: str, names: Iterable[str]) -> str:
     """A message naming the secrets to add and where, for ``what`` (e.g. a model source)."""
     names = list(names)

@@ -384,17 +384,17 @@ def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
 def _adapted_model(loaded, adapters: _Adapters):
     """The base model of ``loaded`` with ``adapters`` applied (base weights shared)."""
     from jaxpost import tunix_adapter
-    from jaxpost.export import _flatten, _strip_value_keys, load_lora_export, set_lora_arrays
+    from jaxpost.export import checkpoint_lora_arrays, load_lora_export, set_lora_arrays
     from jaxpost.lora import apply_lora
 
     if adapters.kind == "export":
         return load_lora_export(adapters.path, loaded)
     config = adapters.config
     ckpt_dir = tunix_adapter.actor_checkpoint_dir(adapters.path / "checkpoints")
-    _, params = tunix_adapter.restore_lora_params(ckpt_dir, adapters.step)
+    _, arrays = checkpoint_lora_arrays(ckpt_dir, adapters.step)
     model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank, alpha=config.lora_alpha,
                        target_modules=config.lora_target_modules)
-    set_lora_arrays(model, _flatten(_strip_value_keys(params)))
+    set_lora_arrays(model, arrays)
     return model
 
 

@@ -142,8 +142,7 @@ def export_checkpoint(config: ColabTrainingConfig, trainer_state=None,
     from jaxpost.train import read_metrics
 
     ckpt_dir = tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)
-    step, params = tunix_adapter.restore_lora_params(ckpt_dir)
-    arrays = _flatten(_strip_value_keys(params))
+    step, arrays = checkpoint_lora_arrays(ckpt_dir)
     history = read_metrics(config.output_dir)
     rewards = [h["reward"] for h in history if "reward" in h]
     metrics = {
@@ -160,6 +159,24 @@ def export_checkpoint(config: ColabTrainingConfig, trainer_state=None,
     print(f"jaxpost: exported LoRA adapters of step {step} to {out}\n"
           f"  load it: jaxpost generate \"What is 7 + 5?\" --chat --lora {out}", flush=True)
     return out
+
+
+def checkpoint_lora_arrays(checkpoint_dir, step: int | None = None) -> tuple[int, dict]:
+    """A training checkpoint's LoRA parameters, named as in an export.
+
+    Args:
+      checkpoint_dir: the actor's checkpoint directory
+        (``tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)``).
+      step: the checkpoint step; the latest finished one when None.
+
+    Returns:
+      ``(step, {"layers.0.attn.q_einsum.w_lora_a": array, ...})``, ready for
+      :func:`set_lora_arrays`.
+    """
+    from jaxpost import tunix_adapter
+
+    step, params = tunix_adapter.restore_lora_params(checkpoint_dir, step)
+    return step, _flatten(_strip_value_keys(params))
 
 
 def _strip_value_keys(tree):

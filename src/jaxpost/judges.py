@@ -499,16 +499,9 @@ def resolve_judge_key(name: str, explicit: str | None = None, sources=None):
     Returns:
       A :class:`jaxpost.credentials.Secret`, or None when no store has it.
     """
-    from jaxpost.credentials import Secret, SecretSources, _Lookup
+    from jaxpost.credentials import resolve_secret
 
-    if explicit:
-        return Secret(explicit)
-    lookup = _Lookup(SecretSources.detect() if sources is None else sources)
-    for where in ("colab", "kaggle", "environment"):
-        value = getattr(lookup, where)(name)
-        if isinstance(value, str) and value.strip():
-            return Secret(value.strip())
-    return None
+    return resolve_secret(name, explicit, sources=sources)
 
 
 def build_judge(config: Any, loaded=None, *, template: str | None = None,
