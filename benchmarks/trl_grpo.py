@@ -3,8 +3,8 @@
 `grpo_step.py` writes the workload (the jaxpost config, the exact training rows in
 jaxpost's order, jaxpost's prompt token ids, the LoRA target modules and the model
 exported as a Hugging Face directory) and runs this script in a process of its own, so
-that the peak RSS it reports (ru_maxrss) is TRL's alone; this process imports torch and
-never imports jax.
+that the peak RSS it reports is TRL's alone; this process imports torch and never
+imports jax.
 
     python benchmarks/trl_grpo.py WORKLOAD.json RESULT.json
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,17 @@ def missing_packages() -> list[str]:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident set size, in the unit grpo_step.py reports (KiB / 1e6)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    """This process's peak resident set size, in the unit grpo_step.py reports (KiB / 1e6).
+
+    Read from VmHWM, the high-water mark of this process's own memory map. ru_maxrss
+    would not do: Linux carries it over from the parent through fork and exec, so a child
+    of a 6.8 GB benchmark process reports at least 6.8 GB whatever it uses.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    raise RuntimeError("no VmHWM in /proc/self/status: the TRL comparison needs Linux")
 
 
 def trl_reward_functions(reward_fns: list, columns: list[str]) -> list:
