@@ -74,24 +74,35 @@ def verify_entry(directory: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def building_entry(directory: Path) -> Iterator[Path]:
-    """Yields a temporary directory to fill; on success it replaces ``directory``.
+def replacing_dir(directory: Path) -> Iterator[Path]:
+    """Yields a temporary directory beside ``directory``; on success it replaces it.
 
-    The manifest is written after the body finishes, then the temporary directory is
-    renamed into place. On error the temporary directory is removed and ``directory``
-    is left as it was.
+    The rename is the last step, so a reader never sees a half-written directory. On
+    error the temporary directory is removed and ``directory`` is left as it was.
     """
+    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:
         yield tmp
-        write_manifest(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building_entry(directory: Path) -> Iterator[Path]:
+    """Yields a temporary directory to fill; on success it replaces ``directory``.
+
+    The manifest is written after the body finishes, then the temporary directory is
+    renamed into place (:func:`replacing_dir`).
+    """
+    with replacing_dir(directory) as tmp:
+        yield tmp
+        write_manifest(tmp)
 
 
 def enable_compilation_cache() -> Path:

@@ -191,15 +191,11 @@ def _strip_value_keys(tree):
 def _write_export(arrays: dict[str, np.ndarray], config, out: Path, metrics) -> Path:
     from safetensors.numpy import save_file
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: np.asarray(v) for k, v in arrays.items()}, str(tmp / ADAPTER_FILE))
-    save_yaml(config, str(tmp / EXPORT_CONFIG))
-    (tmp / EXPORT_METRICS).write_text(json.dumps(metrics, indent=2, default=float))
-    (tmp / "README.md").write_text(_instructions(out))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    from jaxpost.cache import replacing_dir
+
+    with replacing_dir(out) as tmp:
+        save_file({k: np.asarray(v) for k, v in arrays.items()}, str(tmp / ADAPTER_FILE))
+        save_yaml(config, str(tmp / EXPORT_CONFIG))
+        (tmp / EXPORT_METRICS).write_text(json.dumps(metrics, indent=2, default=float))
+        (tmp / "README.md").write_text(_instructions(out))
     return out

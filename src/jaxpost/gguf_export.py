@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxpost.cache import replacing_dir
+
 GGUF_TYPES = ("f16", "q8_0")
 
 _BLOCK_NAMES = {  # Hugging Face module (within a layer) -> llama.cpp name
@@ -216,7 +218,7 @@ def write_gguf_export(loaded, out_dir: str | os.PathLike, *, lora=None, alpha: f
     tensors = hf_export.merged_hf_tensors(loaded, lora, alpha=alpha)
     out = Path(out_dir)
     file_name = f"model-{gguf_type}.gguf"
-    with hf_export.atomic_dir(out) as tmp:
+    with replacing_dir(out) as tmp:
         write_gguf(tensors, hf_cfg, tok_bytes, tmp / file_name, gguf_type=gguf_type,
                    name=f"jaxpost {loaded.source}")
         (tmp / "Modelfile").write_text(

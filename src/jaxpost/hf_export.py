@@ -29,15 +29,16 @@ are written as they are (llama.cpp's GGUF adds 1; see :mod:`jaxpost.gguf_export`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+
+from jaxpost.cache import replacing_dir
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
@@ -373,24 +374,6 @@ def base_params(loaded) -> dict[str, np.ndarray]:
     return flat
 
 
-@contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yields ``<out>.partial`` to fill; on success it replaces ``out`` in one rename."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_record(tmp: Path, config=None, metrics: Mapping[str, Any] | None = None) -> None:
     """Writes the run's ``config.yaml`` and ``metrics.json`` beside an export's files."""
     from jaxpost.config import save_yaml
@@ -466,7 +449,7 @@ def write_peft_adapter(loaded, lora: Mapping[str, np.ndarray], out_dir: str | os
     adapter_cfg = peft_config(tensors, loaded.model_config, rank=lora_rank_of(lora), alpha=alpha,
                               base_model=base)
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with replacing_dir(out) as tmp:
         save_file(tensors, str(tmp / PEFT_ADAPTER_FILE), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(adapter_cfg, indent=2))
         write_record(tmp, config, metrics)
@@ -504,7 +487,7 @@ def write_hf_model(loaded, out_dir: str | os.PathLike, *,
     tok_bytes = tokenizer_model_bytes(loaded)
     tensors = merged_hf_tensors(loaded, lora, alpha=alpha)
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with replacing_dir(out) as tmp:
         save_file(tensors, str(tmp / HF_MODEL_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
@@ -616,7 +599,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "lora",
         if fmt == "lora":
             if out_dir is None or Path(out_dir).resolve() == path.resolve():
                 return path
-            with atomic_dir(Path(out_dir)) as tmp:
+            with replacing_dir(Path(out_dir)) as tmp:
                 shutil.copytree(path, tmp, dirs_exist_ok=True)
             return Path(out_dir)
     else:
