@@ -162,8 +162,12 @@ def parse_dataset_spec(spec: str) -> DatasetSpec:
     raise _invalid_spec(spec, f"unknown dataset kind {kind!r}")
 
 
-def _read_jsonl(path: Path, expected: str, skipped: collections.Counter) -> list[dict]:
-    """Rows of a JSONL file; blank lines are ignored, bad lines counted in `skipped`."""
+def read_jsonl(path: Path, expected: str, skipped: collections.Counter) -> list[dict]:
+    """Rows of a JSONL file; blank lines are ignored, bad lines counted in `skipped`.
+
+    Raises:
+      FileNotFoundError: naming the file and ``expected`` (what it should hold).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} not found; expected {expected}")
     rows = []
@@ -325,10 +329,10 @@ def load_examples(
         if split in GSM8K_HF_SPLITS:
             rows = _hf_gsm8k_rows(split)
         else:
-            rows = _read_jsonl(Path(split).expanduser(), _GSM8K_FORMAT, skipped)
+            rows = read_jsonl(Path(split).expanduser(), _GSM8K_FORMAT, skipped)
         examples = _gsm8k_examples(rows, skipped)
     elif spec.kind == "jsonl":
-        rows = _read_jsonl(Path(spec.arg).expanduser(), _JSONL_FORMAT, skipped)
+        rows = read_jsonl(Path(spec.arg).expanduser(), _JSONL_FORMAT, skipped)
         examples = _jsonl_examples(
             rows,
             spec.options.get("question", "question"),

@@ -175,7 +175,8 @@ def _numbers_equal(x: float, y: float) -> bool:
     return abs(x - y) < _NUMERIC_RTOL * max(1.0, abs(x), abs(y))
 
 
-def _strip_end_marker(completion: str) -> str:
+def strip_end_marker(completion: str) -> str:
+    """The completion without surrounding whitespace and a trailing end-of-turn marker."""
     text = completion.strip()
     for marker in END_MARKERS:
         if text.endswith(marker):
@@ -228,7 +229,7 @@ def format_exact(
     )
     scores = []
     for completion in completions:
-        text = _strip_end_marker(completion)
+        text = strip_end_marker(completion)
         once = all(text.count(tag) == 1 for tag in (r_open, r_close, a_open, a_close))
         match = pattern.match(text) if once else None
         # The pattern alone lets a whitespace-only block through ("<answer> </answer>").
@@ -260,7 +261,7 @@ def format_approximate(
     a_close = tags[3]
     scores = []
     for completion in completions:
-        text = _strip_end_marker(completion)
+        text = strip_end_marker(completion)
         score = 0.0
         for tag in tags:
             count = text.count(tag)

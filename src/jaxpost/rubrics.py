@@ -36,6 +36,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+from jaxpost.data import read_jsonl
+
 logger = logging.getLogger("jaxpost.rubrics")
 
 CATEGORIES = ("essential", "important", "optional", "pitfall")
@@ -234,28 +236,13 @@ def _read_rows(path: Path, skipped: collections.Counter) -> list[dict]:
         if not files:
             raise FileNotFoundError(f"{path} holds no .jsonl or .parquet files")
         return [row for f in files for row in _read_rows(f, skipped)]
-    if not path.is_file():
-        raise FileNotFoundError(f"rubric dataset file {path} not found; expected JSONL or "
-                                "parquet rows with question and rubric columns")
     if path.suffix == ".parquet":
+        if not path.is_file():
+            raise FileNotFoundError(f"rubric dataset file {path} not found")
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                skipped["invalid JSON"] += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                skipped["not a JSON object"] += 1
-    return rows
+    return read_jsonl(path, "JSONL or parquet rows with question and rubric columns", skipped)
 
 
 def _hub_rows(repo: str, split: str) -> list[dict]:
@@ -389,16 +376,6 @@ def implicit_reward(rating: float | None) -> float:
     return (rating - 1.0) / 9.0
 
 
-def _strip_end_marker(completion: str) -> str:
-    from jaxpost.rewards import END_MARKERS
-
-    text = completion.strip()
-    for marker in END_MARKERS:
-        if text.endswith(marker):
-            return text[: -len(marker)].rstrip()
-    return text
-
-
 def rubric(
     prompts: list[str],
     completions: list[str],
@@ -440,8 +417,11 @@ def rubric(
         if len(col) != len(completions):
             raise ValueError(f"rubric: column {name!r} has {len(col)} values for "
                              f"{len(completions)} completions")
+    # Imported here: jaxpost.rewards imports this module for its registry.
+    from jaxpost.rewards import strip_end_marker
+
     rubrics = [parse_rubric(str(r)) for r in raw_rubrics]
-    texts = [_strip_end_marker(c) for c in completions]
+    texts = [strip_end_marker(c) for c in completions]
     questions = [str(q) for q in question]
     if rubric_aggregation == "implicit":
         ratings = judge.rate_rubrics([RubricQuery(q, t, r)
