@@ -150,7 +150,23 @@ def build_cluster(
                                        cluster_config=cluster_config)
     keep_frozen_weights_in_place(cluster.actor_trainer)
     chunk_reference_logps(cluster.inference_worker)
+    chunk_old_logps(cluster)
+    share_frozen_weights_with_anchor(cluster)
     return cluster
+
+
+def _chunked_logps_fn(graphdef):
+    """A jitted ``(state, prompt, completion) -> logps`` for the model ``graphdef``."""
+    from jaxpost.fast_logits import completion_logps
+
+    @functools.partial(jax.jit, static_argnames=("pad_id", "temperature"))
+    def logps_fn(state, prompt_tokens, completion_tokens, pad_id, temperature):
+        model = nnx.merge(graphdef, state)
+        logps, _ = completion_logps(model, prompt_tokens, completion_tokens, pad_id,
+                                    temperature=temperature)
+        return jax.lax.stop_gradient(logps)
+
+    return logps_fn
 
 
 def chunk_reference_logps(worker) -> None:
@@ -163,20 +179,14 @@ def chunk_reference_logps(worker) -> None:
     """
     import types
 
-    from jaxpost.fast_logits import Gemma3TrimmedLogits, completion_logps
+    from jaxpost.fast_logits import Gemma3TrimmedLogits
 
     if "reference" not in worker._model_states:
         return
     if not isinstance(worker.get_model("reference"), Gemma3TrimmedLogits):
         return
     graphdef, _ = worker._model_states["reference"]
-
-    @functools.partial(jax.jit, static_argnames=("pad_id", "temperature"))
-    def reference_logps(state, prompt_tokens, completion_tokens, pad_id, temperature):
-        model = nnx.merge(graphdef, state)
-        logps, _ = completion_logps(model, prompt_tokens, completion_tokens, pad_id,
-                                    temperature=temperature)
-        return jax.lax.stop_gradient(logps)
+    reference_logps = _chunked_logps_fn(graphdef)
 
     def get_ref_per_token_logps(self, prompt_tokens, completion_tokens, pad_id, eos_id,
                                 temperature=1.0):
@@ -185,6 +195,76 @@ def chunk_reference_logps(worker) -> None:
                                temperature=float(temperature))
 
     worker.get_ref_per_token_logps = types.MethodType(get_ref_per_token_logps, worker)
+
+
+def chunk_old_logps(cluster) -> None:
+    """Makes ``cluster`` score the policy's "old" log-probabilities in chunks, tempered.
+
+    With ``num_iterations`` (mu) > 1, GRPO divides the new log-probabilities by the
+    ones the policy gave before this batch's updates. Tunix 0.1.7 computes the old ones
+    from full ``[batch, completion, vocab]`` logits at temperature 1, while its loss
+    divides the new ones' logits by the sampling temperature, so with temperature != 1
+    the ratio starts away from 1 and is clipped for no reason. This computes them in
+    chunks at the sampling temperature, like the loss. Models without trimmed-logit
+    support keep Tunix's pass.
+    """
+    import types
+
+    import jax.numpy as jnp
+
+    from jaxpost.fast_logits import Gemma3TrimmedLogits
+
+    model = cluster.rollout.model()
+    if not isinstance(model, Gemma3TrimmedLogits):
+        return
+    graphdef, _ = nnx.split(model)
+    policy_logps = _chunked_logps_fn(graphdef)
+
+    def get_old_per_token_logps(self, prompt_tokens, completion_tokens, micro_batch_size=None):
+        if prompt_tokens.shape[0] == 0:
+            raise ValueError("Cannot get old log probabilities from an empty batch.")
+        _, state = nnx.split(self.rollout.model())
+        temperature = float(self.get_rollout_config(mode=rl_cluster_lib.Mode.TRAIN).temperature)
+        pad_id = self.rollout.pad_id()
+        size = micro_batch_size or prompt_tokens.shape[0]
+        outs = [policy_logps(state, prompt_tokens[i:i + size], completion_tokens[i:i + size],
+                             pad_id=pad_id, temperature=temperature)
+                for i in range(0, prompt_tokens.shape[0], size)]
+        return jnp.concatenate(outs, axis=0)
+
+    cluster.get_old_per_token_logps = types.MethodType(get_old_per_token_logps, cluster)
+
+
+def share_frozen_weights_with_anchor(cluster) -> None:
+    """Makes ``cluster``'s anchor policy copy only the LoRA weights.
+
+    Tunix 0.1.7 snapshots the whole actor as its "anchor policy" at start-up and after
+    every step (``sync_weights``), in host memory: a second 1.07 GB copy of Gemma 3
+    270M's float32 base weights, although those never change under LoRA. Here the
+    anchor holds a copy of the LoRA weights (the train step updates them in place) and
+    the very buffers of the frozen base weights. Models without LoRA keep Tunix's copy.
+    """
+    import types
+
+    import jax.numpy as jnp
+    from tunix.sft import utils as sft_utils
+
+    if not sft_utils.is_lora_enabled(cluster.actor_trainer.model):
+        return
+
+    def anchor_state(model):
+        _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+        return nnx.merge_state(jax.tree.map(jnp.copy, lora), frozen)
+
+    def sync_weights(self):
+        model = self.actor_trainer.model
+        self.rollout.update_params(nnx.state(model, nnx.LoRAParam), (nnx.LoRAParam,))
+        self._anchor_policy_state = anchor_state(model)
+        # Tunix's sync marks the end of a full batch.
+        self.global_steps += 1
+
+    cluster._anchor_policy_state = anchor_state(cluster.actor_trainer.model)
+    cluster.sync_weights = types.MethodType(sync_weights, cluster)
 
 
 class _LoraTrainStep:
