@@ -81,3 +81,65 @@ def test_chunked_logps_match_full_logits(policy):
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-5)
     vocab = loaded.model_config.num_embed
     assert np.all(np.asarray(entropy) > 0) and np.all(np.asarray(entropy) <= np.log(vocab) + 1e-3)
+
+
+def _loss_grad_fn(model, example, config):
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(lora_state):
+        return grpo_loss_chunked(nnx.merge(graphdef, lora_state, rest), example, config, 0, 1)[0]
+
+    return jax.jit(jax.value_and_grad(loss)), lora
+
+
+def test_recomputed_layers_give_the_same_loss_and_gradients(policy):
+    loaded, model = policy
+    config = GRPOConfig(num_generations=2, beta=0.04, epsilon=0.2)
+    config.temperature = 0.9
+    example = _example(loaded)
+    stored, stored_grads = _loss_and_grad(grpo_loss_chunked, model, example, config)
+    model.remat_layers = True
+    try:
+        recomputed, recomputed_grads = _loss_and_grad(grpo_loss_chunked, model, example, config)
+    finally:
+        model.remat_layers = False
+    assert recomputed == pytest.approx(stored, rel=1e-5, abs=1e-7)
+    for a, b in zip(recomputed_grads, stored_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_recomputed_layers_keep_less_memory():
+    # A small vocabulary, so that the layers' activations, not the logits, dominate.
+    import dataclasses
+
+    from tunix.models.gemma3 import model as gemma3
+
+    from jaxpost.fast_logits import enable
+    from jaxpost.mesh import make_mesh
+    from jaxpost.models import tiny_gemma3_config
+
+    cfg = dataclasses.replace(tiny_gemma3_config(512, jnp.float32), num_layers=4, hidden_dim=512)
+    base = gemma3.Gemma3(cfg, rngs=nnx.Rngs(0))
+    assert enable(base)
+    model = apply_lora(base, make_mesh(), rank=4, alpha=8.0, seed=1)
+    config = GRPOConfig(num_generations=2, beta=0.04, epsilon=0.2)
+    config.temperature = 0.9
+    rng = np.random.default_rng(0)
+    prompt = jnp.asarray(rng.integers(10, 512, (8, 64)).astype(np.int32))
+    comp = jnp.asarray(rng.integers(10, 512, (8, 64)).astype(np.int32))
+    example = common.TrainExample(
+        prompt_ids=prompt, prompt_mask=prompt != 0, completion_ids=comp,
+        completion_mask=jnp.ones_like(comp), advantages=jnp.asarray(rng.normal(0, 1, 8)),
+        ref_per_token_logps=jnp.full(comp.shape, -6.0), old_per_token_logps=None)
+
+    def temp_bytes():
+        fn, lora = _loss_grad_fn(model, example, config)
+        return fn.lower(lora).compile().memory_analysis().temp_size_in_bytes
+
+    stored = temp_bytes()
+    model.remat_layers = True
+    try:
+        recomputed = temp_bytes()
+    finally:
+        model.remat_layers = False
+    assert recomputed < 0.6 * stored, (recomputed, stored)

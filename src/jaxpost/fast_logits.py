@@ -14,6 +14,8 @@ prompt position. :class:`Gemma3TrimmedLogits` is Tunix's Gemma 3 with two switch
   prefill logits for the last position only.
 * ``hidden_keep``: return final hidden states instead of logits, for
   :func:`completion_logps`, which unembeds them a chunk at a time.
+* ``remat_layers``: in that ``hidden_keep`` pass, recompute each layer's activations in
+  the backward pass instead of storing them (:func:`recomputed_layer`).
 
 The parameters, their paths and every other computation are Tunix's own, so LoRA
 targets, checkpoints and exports are unchanged.
@@ -34,6 +36,7 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
     """Tunix ``Gemma3`` computing logits only at the positions that are used."""
 
     logits_keep: int | None = None
+    remat_layers: bool = False
 
     def __call__(self, last_tokens, positions=None, cache=None, attention_mask=None,
                  output_hidden_states: bool = False, *, images=None,
@@ -42,7 +45,8 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
             # Final-norm hidden states of the last positions instead of logits. Goes
             # through __call__ so that qwix's LoRA interception (installed around
             # __call__) applies.
-            return self._hidden(last_tokens, positions, None, attention_mask, hidden_keep)
+            return self._hidden(last_tokens, positions, None, attention_mask, hidden_keep,
+                                remat=self.remat_layers)
         if images is not None:
             return super().__call__(last_tokens, positions, cache, attention_mask,
                                     output_hidden_states, images=images)
@@ -52,14 +56,17 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
             self.sow(nnx.Intermediate, "all_hidden_states", x)
         return self.embedder.decode(x), new_cache  # [batch, kept, vocab]
 
-    def _hidden(self, tokens, positions, cache, attention_mask, keep):
+    def _hidden(self, tokens, positions, cache, attention_mask, keep, remat=False):
         new_cache = None if cache is None else {}
         x = self._encode_and_get_inputs(tokens=tokens, images=None)  # [batch, seq, embed]
         for i, layer in enumerate(self.layers):
             name = f"layer_{i}"
             with jax.named_scope(name):
-                layer_cache, x = layer(x, positions, cache[name] if cache else None,
-                                       attention_mask)
+                if remat and cache is None:
+                    layer_cache, x = None, recomputed_layer(layer, x, positions, attention_mask)
+                else:
+                    layer_cache, x = layer(x, positions, cache[name] if cache else None,
+                                           attention_mask)
             if cache is not None:
                 new_cache[name] = layer_cache
         if keep is not None and keep < x.shape[1]:
@@ -69,6 +76,65 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
     def unembed(self, hidden):
         """Logits of hidden states: ``[..., embed] -> [..., vocab]`` (tied embeddings)."""
         return self.embedder.decode(hidden)
+
+
+def recomputed_layer(layer: nnx.Module, x, positions, attention_mask):
+    """``layer(x)`` whose activations are recomputed in the backward pass, not stored.
+
+    ``jax.checkpoint`` marks recomputation with optimization barriers, which XLA's CPU
+    compiler removes before common-subexpression elimination merges the recomputation
+    back into the forward pass: every layer's activations stay alive until the backward
+    pass (2.4 GB for an [8, 128] batch of Gemma 3 270M). Here the backward pass recomputes
+    the layer from an input that depends on the incoming gradient, so the recomputation
+    can neither be merged with the forward pass nor scheduled before it is needed, and
+    only the layer's input is kept.
+
+    The layer is traced once into a pure function of its LoRA weights, its frozen
+    weights and its inputs, while qwix's LoRA interception is active (the backward pass
+    is traced after the model call has returned). Gradients flow to the LoRA weights and
+    to ``x``; frozen weights, positions and the mask get none.
+    """
+    import jax.extend
+
+    graphdef, lora, frozen = nnx.split(layer, nnx.LoRAParam, ...)
+
+    def run(lora, frozen, x, positions, attention_mask):
+        _, y = nnx.merge(graphdef, lora, frozen)(x, positions, None, attention_mask)
+        return y
+
+    closed = jax.make_jaxpr(run, return_shape=True)
+    jaxpr, out_shape = closed(lora, frozen, x, positions, attention_mask)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+
+    def pure(*args):
+        flat = jax.tree_util.tree_leaves(args)
+        return jax.tree_util.tree_unflatten(out_tree, jax.extend.core.jaxpr_as_fun(jaxpr)(*flat))
+
+    @jax.custom_vjp
+    def layer_fn(lora, frozen, x, positions, attention_mask):
+        return pure(lora, frozen, x, positions, attention_mask)
+
+    def layer_fwd(lora, frozen, x, positions, attention_mask):
+        return pure(lora, frozen, x, positions, attention_mask), (lora, frozen, x, positions,
+                                                                  attention_mask)
+
+    def layer_bwd(saved, g):
+        lora, frozen, x, positions, attention_mask = saved
+        # v + 0 * g[0] is v (XLA keeps float products with zero, which are not always
+        # zero), but it exists only once g does: the recomputation below can neither be
+        # merged with the forward pass nor run before its result is needed. The weights
+        # go through it too: whatever is computed from them alone (XLA's transposed
+        # copies, LoRA products) would otherwise be shared with the forward pass and
+        # kept alive in between.
+        zero = g.reshape(-1)[0] * 0
+        lora, frozen, x = jax.tree.map(lambda v: v + zero.astype(v.dtype), (lora, frozen, x))
+        _, pull_back = jax.vjp(lambda l, h: pure(l, frozen, h, positions, attention_mask),
+                               lora, x)
+        g_lora, g_x = pull_back(g)
+        return g_lora, None, g_x, None, None
+
+    layer_fn.defvjp(layer_fwd, layer_bwd)
+    return layer_fn(lora, frozen, x, positions, attention_mask)
 
 
 def enable(model: nnx.Module) -> bool:
@@ -191,13 +257,20 @@ def completion_logps(model: Gemma3TrimmedLogits, prompt_ids, completion_ids, pad
 
 
 @contextlib.contextmanager
-def completion_logits_only(models: list[nnx.Module], completion_length: int) -> Iterator[None]:
-    """Within the block, full-sequence forward passes return the last C + 1 logits only."""
+def completion_logits_only(models: list[nnx.Module], completion_length: int,
+                           remat: bool = False) -> Iterator[None]:
+    """Within the block, full-sequence forward passes return the last C + 1 logits only.
+
+    With ``remat``, :func:`completion_logps` also recomputes each layer's activations in
+    the backward pass (see :func:`recomputed_layer`) instead of keeping them.
+    """
     trimmed = [m for m in models if isinstance(m, Gemma3TrimmedLogits)]
     for m in trimmed:
         m.logits_keep = completion_length + 1
+        m.remat_layers = remat
     try:
         yield
     finally:
         for m in trimmed:
             m.logits_keep = None
+            m.remat_layers = False

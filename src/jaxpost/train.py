@@ -274,7 +274,8 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     t0 = time.time()
     # Tunix scores only completion tokens; computing the other logits would cost more
     # than the transformer layers themselves (see jaxpost.fast_logits).
-    with completion_logits_only([session.lora_model, loaded.model], config.max_new_tokens):
+    with completion_logits_only([session.lora_model, loaded.model], config.max_new_tokens,
+                                remat=config.remat):
         cluster = tunix_adapter.build_cluster(
             actor=session.lora_model, reference=loaded.model, tokenizer=loaded.tokenizer,
             mesh=loaded.mesh, optimizer=make_optimizer(config), config=config,
