@@ -745,3 +745,28 @@ def test_kaggle_refusal_and_missing_model_are_translated(kaggle_test_env):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_read_safetensors_matches_the_safetensors_package(tmp_path):
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from jaxpost.models import read_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {"b.weight": rng.normal(size=(3, 5)).astype(np.float32),
+               "a.scale": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
+               "c.ids": np.arange(6, dtype=np.int32).reshape(2, 3)}
+    file = tmp_path / "model.safetensors"
+    save_file(tensors, str(file))
+    ours = dict(read_safetensors(file))
+    theirs = load_file(str(file))
+    assert sorted(ours) == sorted(theirs)
+    for name, array in theirs.items():
+        assert ours[name].dtype == array.dtype and ours[name].shape == array.shape
+        np.testing.assert_array_equal(ours[name], array)
+
+    file.write_bytes(file.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        dict(read_safetensors(file))
