@@ -197,6 +197,18 @@ def main() -> None:
     session = prepare_session(config)
     load_s = time.time() - t
 
+    state = train_grpo(config, session)
+    # Read before the separate rollout measurement below, which builds a sampler of its own.
+    jaxpost_rss = peak_rss_gb()
+    times = [h["step_seconds"] for h in state.history if "step_seconds" in h]
+    if len(times) < 2:
+        raise SystemExit("need --steps >= 2 to separate compilation from steady steps")
+    # Tunix overlaps the next rollout with the current update, so individual intervals
+    # are uneven: average everything after the first (compiling) step.
+    step_s = sum(times[1:]) / len(times[1:])
+    train_tokens = config.batch_size * config.num_generations * (
+        config.max_prompt_length + config.max_new_tokens)
+
     # Rollout alone, at the training shape: batch_size x G prompts, max_new_tokens each.
     prompts = [str(p) for p in next(iter(session.train_dataset))["prompts"]]
     prompts = [p for p in prompts for _ in range(config.num_generations)]
@@ -213,14 +225,6 @@ def main() -> None:
     rollout_s = time.time() - t
     rollout_tokens = len(prompts) * config.max_new_tokens
 
-    state = train_grpo(config, session)
-    times = [h["step_seconds"] for h in state.history if "step_seconds" in h]
-    if len(times) < 2:
-        raise SystemExit("need --steps >= 2 to separate compilation from steady steps")
-    # Tunix overlaps the next rollout with the current update, so individual intervals
-    # are uneven: average everything after the first (compiling) step.
-    step_s = sum(times[1:]) / len(times[1:])
-    train_tokens = len(prompts) * (config.max_prompt_length + config.max_new_tokens)
     print("\n=== jaxpost GRPO step benchmark ===")
     print(f"workload: {config.model} {config.dtype}, LoRA r={config.lora_rank}, "
           f"{config.batch_size} prompts x {config.num_generations} generations x "
@@ -233,8 +237,7 @@ def main() -> None:
           f"generated tokens/s")
     print(f"training tokens/s (step):     {train_tokens / step_s:.0f} "
           f"(prompt + completion tokens through rollout, reference and update)")
-    jaxpost_rss = peak_rss_gb()
-    print(f"peak RSS:                     {jaxpost_rss:.2f} GB")
+    print(f"peak RSS (load and training): {jaxpost_rss:.2f} GB")
     if not args.compare_trl:
         return
     jaxpost = {"step_seconds": times, "rollout_seconds": rollout_s,

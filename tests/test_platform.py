@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import types
 
 import pytest
@@ -179,25 +178,3 @@ def test_make_config_reads_notebook_settings(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("colab_tpu_v5e", cpu)
 
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
-def test_release_free_memory_returns_freed_heap_pages():
-    import numpy as np
-
-    from jaxpost.platform import release_free_memory
-
-    def resident_mb():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    # 2,000 blocks of 100 KB come from the heap (below glibc's mmap threshold); the last
-    # one stays alive, so freeing the others leaves the free space below the heap's top,
-    # where glibc does not return it by itself.
-    blocks = [np.ones(100 * 1024, dtype=np.uint8) for _ in range(2000)]
-    pin = blocks.pop()
-    before = resident_mb()
-    del blocks
-    assert resident_mb() > before - 50  # still held by the allocator
-    assert release_free_memory()
-    assert resident_mb() < before - 150
-    del pin

@@ -1,3 +1,13 @@
 """jaxpost: JAX-native RL post-training (GRPO) for language models that show their work."""
 
 __version__ = "0.1.0"
+
+
+def _share_malloc_arenas() -> None:
+    # Set before JAX starts its thread pools: see jaxpost.memory.limit_malloc_arenas.
+    from jaxpost.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()
+
+
+_share_malloc_arenas()

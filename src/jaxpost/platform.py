@@ -5,8 +5,6 @@
 * :func:`auto_config` picks the preset named for that platform (``PLATFORM_PRESETS``),
   fits its mesh to the devices and scales prompts per step and the token budget (the
   KV-cache size is ``max_prompt_length + max_new_tokens``) to the memory found.
-* :func:`release_free_memory` hands memory the allocator holds but no longer uses back
-  to the operating system (glibc only), between the phases of a training step.
 * :func:`resolve_output_dir` puts a run on Google Drive when ``save_to_drive`` is set on
   Colab, so a fresh runtime that reruns the notebook resumes from its last checkpoint.
 
@@ -235,29 +233,3 @@ def resolve_output_dir(config: ColabTrainingConfig, *, platform: PlatformInfo | 
     print(f"jaxpost: output in {target} on Google Drive; rerunning this notebook on a new "
           "runtime resumes from its last checkpoint there", flush=True)
     return target
-
-
-def release_free_memory() -> bool:
-    """Returns freed heap memory to the operating system; whether it could (glibc only).
-
-    glibc keeps memory freed by XLA's host buffers and by compilation in its arenas, so
-    a process's resident memory only grows: about 0.5 GB more than it uses after a
-    GRPO step of Gemma 3 270M on a CPU. ``malloc_trim`` gives those pages back, so that
-    the next phase's peak starts from what is in use. Elsewhere (macOS, musl) this does
-    nothing.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
-    return True
-

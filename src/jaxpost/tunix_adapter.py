@@ -294,7 +294,7 @@ class _LoraTrainStep:
         return nnx.state(model, nnx.LoRAParam), nnx.state(optimizer), (loss, aux, grad_norm)
 
     def __call__(self, inputs):
-        from jaxpost.platform import release_free_memory
+        from jaxpost.memory import release_free_memory
 
         # The update is a step's memory peak: start it from what is in use.
         release_free_memory()
