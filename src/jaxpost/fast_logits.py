@@ -95,6 +95,7 @@ def recomputed_layer(layer: nnx.Module, x, positions, attention_mask):
     to ``x``; frozen weights, positions and the mask get none.
     """
     import jax.extend
+    import jax.numpy as jnp
 
     graphdef, lora, frozen = nnx.split(layer, nnx.LoRAParam, ...)
 
@@ -127,7 +128,11 @@ def recomputed_layer(layer: nnx.Module, x, positions, attention_mask):
         # copies, LoRA products) would otherwise be shared with the forward pass and
         # kept alive in between.
         zero = g.reshape(-1)[0] * 0
-        lora, frozen, x = jax.tree.map(lambda v: v + zero.astype(v.dtype), (lora, frozen, x))
+
+        def after_g(v):
+            return v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v
+
+        lora, frozen, x = jax.tree.map(after_g, (lora, frozen, x))
         _, pull_back = jax.vjp(lambda l, h: pure(l, frozen, h, positions, attention_mask),
                                lora, x)
         g_lora, g_x = pull_back(g)
