@@ -46,13 +46,19 @@ def _example(loaded, batch=4, prompt_len=6, comp_len=5, with_ref=True):
         old_per_token_logps=jnp.asarray(old))
 
 
-def _loss_and_grad(fn, model, example, config):
+def _loss_grad_fn(fn, model, example, config):
+    """``lora -> (loss, grads)`` for the loss ``fn``, and the model's LoRA state."""
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
 
     def loss(lora_state):
         return fn(nnx.merge(graphdef, lora_state, rest), example, config, 0, 1)[0]
 
-    value, grads = jax.value_and_grad(loss)(lora)
+    return jax.value_and_grad(loss), lora
+
+
+def _loss_and_grad(fn, model, example, config):
+    loss_and_grad, lora = _loss_grad_fn(fn, model, example, config)
+    value, grads = loss_and_grad(lora)
     return float(value), jax.tree.leaves(grads)
 
 
@@ -81,15 +87,6 @@ def test_chunked_logps_match_full_logits(policy):
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-5)
     vocab = loaded.model_config.num_embed
     assert np.all(np.asarray(entropy) > 0) and np.all(np.asarray(entropy) <= np.log(vocab) + 1e-3)
-
-
-def _loss_grad_fn(model, example, config):
-    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-
-    def loss(lora_state):
-        return grpo_loss_chunked(nnx.merge(graphdef, lora_state, rest), example, config, 0, 1)[0]
-
-    return jax.jit(jax.value_and_grad(loss)), lora
 
 
 def test_recomputed_layers_give_the_same_loss_and_gradients(policy):
@@ -133,8 +130,8 @@ def test_recomputed_layers_keep_less_memory():
         ref_per_token_logps=jnp.full(comp.shape, -6.0), old_per_token_logps=None)
 
     def temp_bytes():
-        fn, lora = _loss_grad_fn(model, example, config)
-        return fn.lower(lora).compile().memory_analysis().temp_size_in_bytes
+        fn, lora = _loss_grad_fn(grpo_loss_chunked, model, example, config)
+        return jax.jit(fn).lower(lora).compile().memory_analysis().temp_size_in_bytes
 
     stored = temp_bytes()
     model.remat_layers = True

@@ -115,9 +115,8 @@ def recomputed_layer(layer: nnx.Module, x, positions, attention_mask):
     def layer_fn(lora, frozen, x, positions, attention_mask):
         return pure(lora, frozen, x, positions, attention_mask)
 
-    def layer_fwd(lora, frozen, x, positions, attention_mask):
-        return pure(lora, frozen, x, positions, attention_mask), (lora, frozen, x, positions,
-                                                                  attention_mask)
+    def layer_fwd(*args):
+        return pure(*args), args  # only the layer's inputs are kept for the backward pass
 
     def layer_bwd(saved, g):
         lora, frozen, x, positions, attention_mask = saved

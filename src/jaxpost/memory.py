@@ -9,12 +9,15 @@ runs when ``jaxpost`` is imported.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Mapping
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
+    # Looked up once: release_free_memory runs before every update.
     import ctypes
     import ctypes.util
 
