@@ -3,10 +3,18 @@
 ``apply_lora`` wraps the base model's matching projections; the returned model shares
 the base model's weight arrays (qwix copies the module graph, not the arrays), so the
 untouched base model can serve as GRPO's frozen reference model at no extra memory.
+
+The adapters of ``nnx.Linear`` projections (the MLP's ``gate_proj``, ``up_proj`` and
+``down_proj``) compute ``(x @ A) @ B`` through :func:`lora_matmul`, whose backward pass
+is written out so that XLA's CPU backend multiplies the large activations as they are
+laid out (see :func:`lora_matmul`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import re
 
 import jax
@@ -37,6 +45,7 @@ def apply_lora(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: int = 8
     """
     import qwix
 
+    install_lora_matmul()
     if rank <= 0 or alpha <= 0:
         raise ValueError(f"lora_rank={rank} and lora_alpha={alpha} must both be positive")
     try:
@@ -65,3 +74,75 @@ def lora_state(model: nnx.Module) -> nnx.State:
 def has_lora(model: nnx.Module) -> bool:
     """Whether ``model`` carries LoRA parameters."""
     return bool(jax.tree.leaves(lora_state(model)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_matmul(x, a, b, precision=None):
+    """The low-rank product ``(x @ a) @ b``: ``x [M, K]``, ``a [K, r]``, ``b [r, N]`` -> ``[M, N]``.
+
+    The same numbers as differentiating the two products directly. The backward pass is
+    written so that every large operand (``x`` and the incoming gradient, ``[M, K]`` and
+    ``[M, N]`` with M = batch x sequence) enters its product unchanged, and only the
+    rank-r factors are transposed. Left to autodiff, XLA's CPU backend transposes those
+    large arrays for the gradients of A and B, inside the elementwise fusions that
+    produce them: in the 270M model's GRPO update that was 1.8 s of a 10.5 s step.
+    """
+    return _lora_forward(x, a, b, precision)[0]
+
+
+def _lora_forward(x, a, b, precision):
+    xa = jax.lax.dot_general(x, a, (((1,), (0,)), ((), ())), precision=precision)  # [M, r]
+    out = jax.lax.dot_general(xa, b, (((1,), (0,)), ((), ())), precision=precision)
+    return out, (x, a, b, xa)
+
+
+def _lora_backward(precision, saved, g):
+    x, a, b, xa = saved
+    dot = functools.partial(jax.numpy.matmul, precision=precision)
+    g_b = dot(g, b.T)                   # [M, r]
+    grad_b = dot(xa.T, g)               # [r, N]: g enters as [K, N], as it is laid out
+    grad_a = dot(g_b.T, x).T            # [K, r]: the same for x
+    grad_x = dot(g_b, a.T)              # [M, K]
+    return grad_x.astype(x.dtype), grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+
+lora_matmul.defvjp(_lora_forward, _lora_backward)
+
+
+def _lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape,
+                remain_shape, rank, precision=None, *, original):
+    """qwix's LoRA delta for a ``dot_general`` projection, through :func:`lora_matmul`.
+
+    Handles the projections of ``nnx.Linear`` (no batch dimensions, contracting the
+    trailing dimensions of ``lhs``); anything else goes to qwix's own ``original``.
+    """
+    n_contract = len(contract_shape)
+    trailing = tuple(range(lhs.ndim - n_contract, lhs.ndim))
+    if batch_shape or tuple(lhs_ba) or tuple(lhs_ca) != trailing:
+        return original(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape,
+                        remain_shape, rank, precision=precision)
+    k, n = math.prod(contract_shape), math.prod(remain_shape)
+    out = lora_matmul(lhs.reshape(-1, k), lora_a.reshape(k, rank), lora_b.reshape(rank, n),
+                      precision)
+    return out.reshape(*lhs.shape[:lhs.ndim - n_contract], *remain_shape)
+
+
+def install_lora_matmul() -> bool:
+    """Routes qwix's ``dot_general`` LoRA delta through :func:`lora_matmul` (once).
+
+    Returns:
+      Whether it is installed; False (and a log line) when this qwix version has no
+      ``_compute_lora_delta`` to route, in which case qwix's own delta runs unchanged.
+    """
+    from qwix._src.providers import lora as qwix_lora
+
+    current = getattr(qwix_lora, "_compute_lora_delta", None)
+    if current is None:
+        logging.getLogger(__name__).info(
+            "qwix has no _compute_lora_delta; LoRA gradients use its own products")
+        return False
+    if getattr(current, "_jaxpost_original", None) is None:
+        routed = functools.partial(_lora_delta, original=current)
+        routed._jaxpost_original = current
+        qwix_lora._compute_lora_delta = routed
+    return True
