@@ -8,6 +8,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
+from jaxpost import fast_logits
 from jaxpost.mesh import use_mesh
 from jaxpost.models import LoadedModel
 from jaxpost.prompts import format_prompt, resolve_chat_template
@@ -24,7 +25,10 @@ def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
     cfg = loaded.model_config
     cache = sampler_lib.CacheConfig(cache_size=cache_size, num_layers=cfg.num_layers,
                                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-    return sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer, cache_config=cache)
+    sampler = sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer,
+                                  cache_config=cache)
+    fast_logits.lay_out_decode_weights(sampler)
+    return sampler
 
 
 def chat_prompt(text: str, loaded: LoadedModel, chat_template: str = "auto") -> str:

@@ -21,6 +21,8 @@ from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger
 
+from jaxpost import fast_logits
+
 Role = rl_cluster_lib.Role
 
 # Name under which jaxpost's memory-lean GRPO loss is registered with Tunix.
@@ -152,6 +154,9 @@ def build_cluster(
     chunk_reference_logps(cluster.inference_worker)
     chunk_old_logps(cluster)
     share_frozen_weights_with_anchor(cluster)
+    sampler = getattr(cluster.rollout, "_sampler", None)
+    if sampler is not None:
+        fast_logits.lay_out_decode_weights(sampler)
     return cluster
 
 
