@@ -291,6 +291,7 @@ class _LoraTrainStep:
         # is not hashable, so they are closed over rather than passed as static arguments.
         self.jitted_fn = jax.jit(functools.partial(self._pure_step, model_def, optimizer_def),
                                  donate_argnums=(0, 2))
+        self._compiled = {}  # input shapes -> compiled step
 
     def _pure_step(self, model_def, optimizer_def, lora, frozen, opt_state, inputs):
         model = nnx.merge(model_def, lora, frozen)
@@ -306,7 +307,18 @@ class _LoraTrainStep:
         model, optimizer = self._trainer.model, self._trainer.optimizer
         _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
         _, opt_state = nnx.split(optimizer)
-        lora, opt_state, out = self.jitted_fn(lora, frozen, opt_state, inputs)
+        args = (lora, frozen, opt_state, inputs)
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))))
+                              for x in leaves))
+        step = self._compiled.get(key)
+        if step is None:
+            # Compiled ahead of the call, so that the compiler's scratch memory is handed
+            # back before the step's own buffers are allocated: the first update is the
+            # run's memory peak.
+            step = self._compiled[key] = self.jitted_fn.lower(*args).compile()
+            release_free_memory()
+        lora, opt_state, out = step(*args)
         nnx.update(model, lora)
         nnx.update(optimizer, opt_state)
         return out
