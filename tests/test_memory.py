@@ -35,3 +35,24 @@ def test_release_free_memory_returns_freed_heap_pages():
 def test_arena_limit_is_set_unless_the_environment_sets_one():
     assert limit_malloc_arenas(environ={})
     assert not limit_malloc_arenas(environ={"MALLOC_ARENA_MAX": "4"})
+
+
+def test_compiled_ahead_compiles_once_per_shape():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpost.memory import compiled_ahead
+
+    traced = []
+
+    @jax.jit
+    def double(x):
+        traced.append(x.shape)
+        return 2 * x
+
+    cache = {}
+    a, b = jnp.arange(3.0), jnp.arange(4.0)
+    assert float(compiled_ahead(double, cache, a)(a)[2]) == 4.0
+    assert float(compiled_ahead(double, cache, a + 1)(a + 1)[2]) == 6.0
+    assert compiled_ahead(double, cache, b)(b).shape == (4,)
+    assert traced == [(3,), (4,)] and len(cache) == 2

@@ -300,7 +300,7 @@ class _LoraTrainStep:
         return nnx.state(model, nnx.LoRAParam), nnx.state(optimizer), (loss, aux, grad_norm)
 
     def __call__(self, inputs):
-        from jaxpost.memory import release_free_memory
+        from jaxpost.memory import compiled_ahead, release_free_memory
 
         # The update is a step's memory peak: start it from what is in use.
         release_free_memory()
@@ -308,17 +308,7 @@ class _LoraTrainStep:
         _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
         _, opt_state = nnx.split(optimizer)
         args = (lora, frozen, opt_state, inputs)
-        leaves, treedef = jax.tree.flatten(args)
-        key = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))))
-                              for x in leaves))
-        step = self._compiled.get(key)
-        if step is None:
-            # Compiled ahead of the call, so that the compiler's scratch memory is handed
-            # back before the step's own buffers are allocated: the first update is the
-            # run's memory peak.
-            step = self._compiled[key] = self.jitted_fn.lower(*args).compile()
-            release_free_memory()
-        lora, opt_state, out = step(*args)
+        lora, opt_state, out = compiled_ahead(self.jitted_fn, self._compiled, *args)(*args)
         nnx.update(model, lora)
         nnx.update(optimizer, opt_state)
         return out
