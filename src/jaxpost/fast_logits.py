@@ -133,13 +133,15 @@ def lay_out_decode_weights(sampler) -> bool:
     with the same numbers; Tunix's sampling step runs unchanged inside the loop.
 
     Returns:
-      Whether the sampler's decoding loop was replaced (False off CPU, or when the model
-      has no such weights).
+      Whether the sampler's decoding loop was replaced (False off CPU, when the model
+      has no such weights, or for a sampler without Tunix 0.1.7's decoding internals).
     """
     import numpy as np
 
-    if jax.default_backend() != "cpu":
-        return False
+    needed = ("_transformer_state", "_flattened_transformer_state", "_sample_step",
+              "_compiled_decode_fn")
+    if jax.default_backend() != "cpu" or not all(hasattr(sampler, a) for a in needed):
+        return False  # another backend, or a Tunix sampler of another shape
     named = jax.tree_util.tree_leaves_with_path(sampler._transformer_state,
                                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
     perms = [_decode_layout(path, variable) for path, variable in named]
