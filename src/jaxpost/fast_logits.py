@@ -60,9 +60,7 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
         x, new_cache = self._hidden(last_tokens, positions, cache, attention_mask, keep)
         if output_hidden_states:
             self.sow(nnx.Intermediate, "all_hidden_states", x)
-        if cache is not None and x.shape[1] == 1:
-            return unembed_last_position(self.embedder.input_embedding.value, x), new_cache
-        return self.embedder.decode(x), new_cache  # [batch, kept, vocab]
+        return self.unembed(x), new_cache  # [batch, kept, vocab]
 
     def _hidden(self, tokens, positions, cache, attention_mask, keep, remat=False):
         new_cache = None if cache is None else {}
@@ -82,7 +80,11 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
         return self.final_norm(x), new_cache
 
     def unembed(self, hidden):
-        """Logits of hidden states: ``[..., embed] -> [..., vocab]`` (tied embeddings)."""
+        """Logits of hidden states: ``[batch, positions, embed] -> [..., vocab]`` (tied
+        embeddings). One position per sequence (a sampling step, the prefill's last
+        position) goes through :func:`unembed_last_position`."""
+        if hidden.ndim == 3 and hidden.shape[1] == 1:
+            return unembed_last_position(self.embedder.input_embedding.value, hidden)
         return self.embedder.decode(hidden)
 
 

@@ -154,9 +154,7 @@ def build_cluster(
     chunk_reference_logps(cluster.inference_worker)
     chunk_old_logps(cluster)
     share_frozen_weights_with_anchor(cluster)
-    sampler = getattr(cluster.rollout, "_sampler", None)
-    if sampler is not None:
-        fast_logits.lay_out_decode_weights(sampler)
+    fast_logits.lay_out_decode_weights(getattr(cluster.rollout, "_sampler", None))
     return cluster
 
 
