@@ -106,6 +106,57 @@ def run_trl(workload: dict, tmp: Path) -> dict:
     return json.loads(result_path.read_text())
 
 
+class PhaseClock:
+    """Times each GRPO step from the start of its rollout to the start of the next.
+
+    Within the block, Tunix's ``RLCluster`` calls are timed: ``generate`` (the rollout),
+    ``get_ref_per_token_logps`` (the reference pass) and ``update_actor`` (the update).
+    A step runs from one rollout's start to the next's (the last to the end of its
+    update), so everything a step does is counted once: the per-step figures add up to
+    the run's wall time after the first rollout started.
+    """
+
+    PHASES = ("generate", "get_ref_per_token_logps", "update_actor")
+
+    def __init__(self):
+        self.starts = {name: [] for name in self.PHASES}
+        self.seconds = {name: [] for name in self.PHASES}
+        self._originals = {}
+
+    def __enter__(self):
+        import jax
+        from tunix.rl import rl_cluster
+
+        for name in self.PHASES:
+            original = self._originals[name] = getattr(rl_cluster.RLCluster, name)
+
+            def timed(cluster, *a, _original=original, _name=name, **k):
+                start = time.time()
+                out = _original(cluster, *a, **k)
+                jax.block_until_ready(out)
+                self.starts[_name].append(start)
+                self.seconds[_name].append(time.time() - start)
+                return out
+
+            setattr(rl_cluster.RLCluster, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        from tunix.rl import rl_cluster
+
+        for name, original in self._originals.items():
+            setattr(rl_cluster.RLCluster, name, original)
+
+    def step_seconds(self) -> list[float]:
+        starts = self.starts["generate"]
+        last_end = self.starts["update_actor"][-1] + self.seconds["update_actor"][-1]
+        return [b - a for a, b in zip(starts, starts[1:] + [last_end])]
+
+    def phase_means(self) -> dict[str, float]:
+        """Mean seconds of each phase over the steps after the first."""
+        return {name: sum(v[1:]) / len(v[1:]) for name, v in self.seconds.items() if len(v) > 1}
+
+
 def _steady(times: list[float]) -> float:
     return sum(times[1:]) / len(times[1:])
 
@@ -197,14 +248,13 @@ def main() -> None:
     session = prepare_session(config)
     load_s = time.time() - t
 
-    state = train_grpo(config, session)
+    with PhaseClock() as clock:
+        state = train_grpo(config, session)
     # Read before the separate rollout measurement below, which builds a sampler of its own.
     jaxpost_rss = peak_rss_gb()
-    times = [h["step_seconds"] for h in state.history if "step_seconds" in h]
-    if len(times) < 2:
+    if len(clock.starts["generate"]) < 2:
         raise SystemExit("need --steps >= 2 to separate compilation from steady steps")
-    # Tunix overlaps the next rollout with the current update, so individual intervals
-    # are uneven: average everything after the first (compiling) step.
+    times = clock.step_seconds()
     step_s = sum(times[1:]) / len(times[1:])
     train_tokens = config.batch_size * config.num_generations * (
         config.max_prompt_length + config.max_new_tokens)
@@ -232,7 +282,12 @@ def main() -> None:
     print(f"session ready (load + LoRA):  {load_s:.1f} s")
     print(f"first step (with compile):    {times[0]:.1f} s")
     print(f"seconds per step (steady):    {step_s:.1f} s   (steps: "
-          + ", ".join(f"{x:.1f}" for x in times) + ")")
+          + ", ".join(f"{x:.1f}" for x in times) + "; each from its rollout's start)")
+    phases = clock.phase_means()
+    print("  of which (mean after step 1): " + ", ".join(
+        f"{label} {phases[name]:.1f} s" for name, label in
+        (("generate", "rollout"), ("get_ref_per_token_logps", "reference"),
+         ("update_actor", "update")) if name in phases))
     print(f"rollout alone:                {rollout_s:.1f} s = {rollout_tokens / rollout_s:.0f} "
           f"generated tokens/s")
     print(f"training tokens/s (step):     {train_tokens / step_s:.0f} "

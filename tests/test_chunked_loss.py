@@ -10,7 +10,7 @@ from flax import nnx
 from tunix.rl import algo_core, common
 from tunix.rl.grpo.grpo_learner import GRPOConfig
 
-from jaxpost.fast_logits import completion_logps
+from jaxpost.fast_logits import _packing_group, completion_logps, prompt_group_size
 from jaxpost.lora import apply_lora
 from jaxpost.models import load_model
 from jaxpost.tunix_adapter import grpo_loss_chunked
@@ -140,3 +140,92 @@ def test_recomputed_layers_keep_less_memory():
     finally:
         model.remat_layers = False
     assert recomputed < 0.6 * stored, (recomputed, stored)
+
+
+def _grouped_example(loaded, prompts=2, group=3, prompt_len=6, comp_len=5):
+    """An example whose rows repeat each prompt ``group`` times in a row, as GRPO's do."""
+    rng = np.random.default_rng(3)
+    vocab = loaded.model_config.num_embed
+    distinct = rng.integers(10, vocab, (prompts, prompt_len)).astype(np.int32)
+    distinct[0, :2] = 0  # left padding
+    prompt = np.repeat(distinct, group, axis=0)
+    batch = prompts * group
+    comp = rng.integers(10, vocab, (batch, comp_len)).astype(np.int32)
+    comp[1, 3:] = 0  # right padding after an early end
+    comp[-1, 1:] = 0
+    return common.TrainExample(
+        prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.asarray(prompt != 0),
+        completion_ids=jnp.asarray(comp), completion_mask=jnp.asarray((comp != 0).astype(np.int32)),
+        advantages=jnp.asarray(rng.normal(0, 1, batch).astype(np.float32)),
+        ref_per_token_logps=jnp.asarray(rng.normal(-12.0, 0.5, comp.shape).astype(np.float32)),
+        old_per_token_logps=None)
+
+
+def test_prompt_group_size():
+    a, b, c = [1, 2, 3], [4, 5, 6], [7, 8, 9]
+    assert prompt_group_size(np.array([a, a, a, b, b, b])) == 3
+    assert prompt_group_size(np.array([a, a, a, a])) == 4
+    assert prompt_group_size(np.array([a, a, a, a, b, b, c, c])) == 2  # a drawn twice
+    assert prompt_group_size(np.array([a, b, a, b])) == 1
+    assert prompt_group_size(np.array([a, a, b])) == 1
+    assert prompt_group_size(np.array([a])) == 1
+
+
+def _assert_trees_close(got, want, rel=1e-4):
+    """Leaf by leaf, to ``rel`` of the leaf's largest magnitude (float32 sums in another
+    order differ by rounding)."""
+    for a, b in zip(got, want):
+        a, b = np.asarray(a), np.asarray(b)
+        scale = max(float(np.abs(b).max()), 1e-6)
+        np.testing.assert_allclose(a, b, rtol=0, atol=rel * scale)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_packed_prompts_give_the_same_logps_and_gradients(policy, remat):
+    loaded, model = policy
+    example = _grouped_example(loaded)
+    assert prompt_group_size(example.prompt_ids) == 3
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    weights = jnp.asarray(np.random.default_rng(5).normal(size=example.completion_ids.shape),
+                          jnp.float32)
+
+    def weighted_logps(lora_state, group):
+        m = nnx.merge(graphdef, lora_state, rest)
+        m.remat_layers = remat
+        logps, _ = completion_logps(m, example.prompt_ids, example.completion_ids, 0,
+                                    temperature=0.9, prompt_group=group)
+        return jnp.sum(logps * weights), logps
+
+    grad_fn = jax.jit(jax.grad(weighted_logps, has_aux=True), static_argnums=1)
+    full_grads, full = grad_fn(lora, 1)
+    packed_grads, packed = grad_fn(lora, 3)
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(full), rtol=1e-5, atol=1e-5)
+    _assert_trees_close(jax.tree.leaves(packed_grads), jax.tree.leaves(full_grads))
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(full_grads)) > 1e-2
+
+
+def test_packing_splits_a_group_that_overflows_the_sliding_window(policy):
+    loaded, model = policy
+    window = loaded.model_config.sliding_window_size
+    comp_len = window // 3  # a prompt and 3 completions overflow the window; 2 fit
+    example = _grouped_example(loaded, prompts=1, group=4, prompt_len=4, comp_len=comp_len)
+    assert _packing_group(model, 4, comp_len, 4) == 2
+    full, _ = completion_logps(model, example.prompt_ids, example.completion_ids, 0)
+    packed, _ = completion_logps(model, example.prompt_ids, example.completion_ids, 0,
+                                 prompt_group=4)
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_loss_computes_each_prompt_once_when_the_step_says_so(policy):
+    loaded, model = policy
+    config = GRPOConfig(num_generations=3, beta=0.04, epsilon=0.2)
+    config.temperature = 0.9
+    example = _grouped_example(loaded)
+    tunix, tunix_grads = _loss_and_grad(algo_core.grpo_loss_fn, model, example, config)
+    model.prompt_group = 3  # what jaxpost's train step sets from the batch's prompt ids
+    try:
+        ours, our_grads = _loss_and_grad(grpo_loss_chunked, model, example, config)
+    finally:
+        del model.prompt_group
+    assert ours == pytest.approx(tunix, rel=1e-4, abs=1e-6)
+    _assert_trees_close(our_grads, tunix_grads, rel=2e-3)

@@ -143,8 +143,10 @@ class MetricsRecorder:
                 f"checkpoint was kept. Lower learning_rate or max_grad_norm and rerun.")
         self._put(step, name, value)
         if name == "loss":
-            # Wall time between consecutive updates. Tunix prepares the next batch's
-            # rollout while a step trains, so single intervals are uneven; averages hold.
+            # Wall time between consecutive loss reports. Tunix reports a step's loss
+            # after it has run the next step's rollout, so the first interval also holds
+            # the second rollout and the last holds only an update; the intervals add up
+            # to the run's time (benchmarks/grpo_step.py times steps by their rollouts).
             now = time.time()
             self._put(step, "step_seconds", now - self._t_step)
             self._t_step = now

@@ -57,7 +57,8 @@ def grpo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwarg
     eps_high = getattr(algo_config, "epsilon_high", None) or eps_low
     logps, entropy = completion_logps(model, train_example.prompt_ids,
                                       train_example.completion_ids, pad_id,
-                                      temperature=algo_config.temperature)
+                                      temperature=algo_config.temperature,
+                                      prompt_group=getattr(model, "prompt_group", 1))
     if train_example.old_per_token_logps is None:
         old = jax.lax.stop_gradient(logps)
     else:
@@ -159,15 +160,21 @@ def build_cluster(
 
 
 def _chunked_logps_fn(graphdef):
-    """A jitted ``(state, prompt, completion) -> logps`` for the model ``graphdef``."""
-    from jaxpost.fast_logits import completion_logps
+    """A ``(state, prompt, completion, pad_id, temperature) -> logps`` for the model
+    ``graphdef``, jitted, computing each distinct prompt once (see
+    :func:`jaxpost.fast_logits.prompt_group_size`)."""
+    from jaxpost.fast_logits import completion_logps, prompt_group_size
 
-    @functools.partial(jax.jit, static_argnames=("pad_id", "temperature"))
-    def logps_fn(state, prompt_tokens, completion_tokens, pad_id, temperature):
+    @functools.partial(jax.jit, static_argnames=("pad_id", "temperature", "prompt_group"))
+    def jitted(state, prompt_tokens, completion_tokens, pad_id, temperature, prompt_group):
         model = nnx.merge(graphdef, state)
         logps, _ = completion_logps(model, prompt_tokens, completion_tokens, pad_id,
-                                    temperature=temperature)
+                                    temperature=temperature, prompt_group=prompt_group)
         return jax.lax.stop_gradient(logps)
+
+    def logps_fn(state, prompt_tokens, completion_tokens, pad_id, temperature):
+        return jitted(state, prompt_tokens, completion_tokens, pad_id=pad_id,
+                      temperature=temperature, prompt_group=prompt_group_size(prompt_tokens))
 
     return logps_fn
 
@@ -279,25 +286,41 @@ class _LoraTrainStep:
     update on, two copies live and a third exists while a step runs. Here the base weights
     go in as a read-only argument and only ``nnx.LoRAParam`` and the optimizer state come
     back (donated, so they are updated in place).
+
+    Each batch's prompt ids are checked for GRPO's grouping (each prompt repeated G times
+    in a row, :func:`jaxpost.fast_logits.prompt_group_size`); the step is compiled per
+    grouping, and the loss runs the layers over each distinct prompt once.
     """
 
     def __init__(self, trainer):
         self._trainer = trainer
-        model_def, _, _ = nnx.split(trainer.model, nnx.LoRAParam, ...)
-        optimizer_def, _ = nnx.split(trainer.optimizer)
-        # The graph definitions are fixed for a trainer; they hold the model config, which
-        # is not hashable, so they are closed over rather than passed as static arguments.
-        self.jitted_fn = jax.jit(functools.partial(self._pure_step, model_def, optimizer_def),
-                                 donate_argnums=(0, 2))
-        self._compiled = {}  # input shapes -> compiled step
+        self._model_def, _, _ = nnx.split(trainer.model, nnx.LoRAParam, ...)
+        self._optimizer_def, _ = nnx.split(trainer.optimizer)
+        self._steps = {}  # prompt group -> (jitted step, compiled steps by input shapes)
+        self.jitted_fn = self._step(1)[0]
 
-    def _pure_step(self, model_def, optimizer_def, lora, frozen, opt_state, inputs):
+    def _step(self, prompt_group: int):
+        if prompt_group not in self._steps:
+            # The graph definitions are fixed for a trainer; they hold the model config,
+            # which is not hashable, so they are closed over rather than passed as static
+            # arguments.
+            jitted = jax.jit(functools.partial(self._pure_step, self._model_def,
+                                               self._optimizer_def, prompt_group),
+                             donate_argnums=(0, 2))
+            self._steps[prompt_group] = (jitted, {})
+        return self._steps[prompt_group]
+
+    def _pure_step(self, model_def, optimizer_def, prompt_group, lora, frozen, opt_state,
+                   inputs):
         model = nnx.merge(model_def, lora, frozen)
+        # Read by grpo_loss_chunked: rows repeat each prompt this many times.
+        model.prompt_group = prompt_group
         optimizer = nnx.merge(optimizer_def, opt_state)
         loss, aux, grad_norm = self._trainer.create_train_step_fn()(model, optimizer, inputs)
         return nnx.state(model, nnx.LoRAParam), nnx.state(optimizer), (loss, aux, grad_norm)
 
     def __call__(self, inputs):
+        from jaxpost.fast_logits import prompt_group_size
         from jaxpost.memory import compiled_ahead, release_free_memory
 
         # The update is a step's memory peak: start it from what is in use.
@@ -306,7 +329,9 @@ class _LoraTrainStep:
         _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
         _, opt_state = nnx.split(optimizer)
         args = (lora, frozen, opt_state, inputs)
-        lora, opt_state, out = compiled_ahead(self.jitted_fn, self._compiled, *args)(*args)
+        group = prompt_group_size(inputs.prompt_ids) if hasattr(inputs, "prompt_ids") else 1
+        self.jitted_fn, compiled = self._step(group)
+        lora, opt_state, out = compiled_ahead(self.jitted_fn, compiled, *args)(*args)
         nnx.update(model, lora)
         nnx.update(optimizer, opt_state)
         return out
