@@ -61,6 +61,34 @@ def test_anchor_shares_frozen_weights_and_copies_lora(cluster):
         assert built.global_steps == steps + 1
 
 
+def test_building_the_cluster_copies_no_weights_to_host(tmp_path, monkeypatch):
+    # Tunix snapshots the whole actor into host memory while it builds the cluster; for
+    # a LoRA actor that copy is replaced at once (the test above), so it is never made.
+    from tunix.rl import utils as rl_utils
+
+    transfers = []
+    original = rl_utils.put_params_on_memory_kind
+
+    def spy(params, memory_kind):
+        transfers.append(memory_kind)
+        return original(params, memory_kind)
+
+    monkeypatch.setattr(rl_utils, "put_params_on_memory_kind", spy)
+    config = dataclasses.replace(get_preset("smoke"), output_dir=str(tmp_path))
+    loaded = load_model(config.model, seed=0)
+    actor = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)
+    built = tunix_adapter.build_cluster(
+        actor=actor, reference=loaded.model, tokenizer=loaded.tokenizer, mesh=loaded.mesh,
+        optimizer=make_optimizer(config), config=config, eos_ids=loaded.eos_ids,
+        metric_backends=[])
+    try:
+        assert "pinned_host" not in transfers
+        assert rl_utils.put_params_on_memory_kind is spy  # restored after the build
+        assert built._anchor_policy_state is not None
+    finally:
+        built.close()
+
+
 def test_old_logps_use_the_sampling_temperature(cluster):
     built, loaded = cluster
     rng = np.random.default_rng(0)
