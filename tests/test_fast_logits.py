@@ -83,3 +83,54 @@ def test_decoding_with_laid_out_weights_equals_tunix():
     for x, y in zip(a.logits, b.logits):
         assert np.asarray(x).shape[0] == 8
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
+    """A one-position forward pass gives the same logits with the decoding loop's
+    kernel-first MLP products as with Tunix's and qwix's own."""
+    from flax import nnx
+
+    from jaxpost.fast_logits import _WEIGHT_FIRST, DecodingFeedForward
+    from jaxpost.lora import apply_lora
+
+    loaded = load_model("random:gemma3-tiny", seed=0)
+    model = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), state))
+    assert all(type(layer.mlp) is DecodingFeedForward for layer in model.layers)
+    assert model.layers[0].mlp.up_proj.lora_scale == 2.0
+    tokens = jnp.array([[5], [17], [301]])
+    positions = jnp.array([[0], [3], [7]])
+    mask = jnp.ones((3, 1, 1), bool)
+
+    graphdef, params = nnx.split(model)
+
+    cfg = loaded.model_config
+
+    def first_operands(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield tuple(v.aval.shape for v in eqn.invars[:2])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from first_operands(sub)
+
+    def logits(weight_first):
+        def forward(params, tokens):  # a new function each time: JAX caches traces by it
+            return nnx.merge(graphdef, params)(tokens, positions, None, mask)[0]
+
+        token = _WEIGHT_FIRST.set(weight_first)
+        try:
+            jaxpr = jax.make_jaxpr(forward)(params, tokens).jaxpr
+            return forward(params, tokens), set(first_operands(jaxpr))
+        finally:
+            _WEIGHT_FIRST.reset(token)
+
+    ours, our_operands = logits(True)
+    tunix, tunix_operands = logits(False)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(tunix), rtol=1e-5, atol=1e-5)
+    # The gate kernel ([embed, hidden]) times the activations ([batch, 1, embed]): a
+    # product only our path has.
+    kernel_first = (model.layers[0].mlp.gate_proj.kernel.value.shape, (3, 1, cfg.embed_dim))
+    assert kernel_first in our_operands
+    assert kernel_first not in tunix_operands
