@@ -196,7 +196,12 @@ def lay_out_decode_weights(sampler) -> bool:
 
         release_free_memory()  # the arranged copies come on top of what is in use
         arrays = jax.tree.leaves(flat_state)
-        return compiled(arrays, arrange(arrays), sampling_state)
+        arranged = arrange(arrays)
+        out = compiled(arrays, arranged, sampling_state)
+        del arranged
+        jax.block_until_ready(out)
+        release_free_memory()  # and are handed back before the next phase starts
+        return out
 
     sampler._compiled_decode_fn = decode_fn
     return True

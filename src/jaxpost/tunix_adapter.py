@@ -235,6 +235,9 @@ def chunk_reference_logps(worker) -> None:
 
     def get_ref_per_token_logps(self, prompt_tokens, completion_tokens, pad_id, eos_id,
                                 temperature=1.0):
+        from jaxpost.memory import release_free_memory
+
+        release_free_memory()  # start from what is in use, not what the rollout freed
         _, state = self._model_states["reference"]
         return reference_logps(state, prompt_tokens, completion_tokens, pad_id=pad_id,
                                temperature=float(temperature))
