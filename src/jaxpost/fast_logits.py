@@ -282,13 +282,16 @@ class DecodingFeedForward(gemma3.FeedForward):
     product reads a kernel stored that way 2.3 times as fast as it computes
     ``x @ kernel`` for a few rows (6.5 against 15.6 ms for the 270M model's 18 gate
     projections, batch 8). LoRA adapters add ``(x @ A) @ B * alpha / r``, as qwix does.
-    Everywhere else (training, prefill, other loops) the module is Tunix's own.
+    Everywhere else (training, prefill, other loops, a batch of one sequence) the
+    module is Tunix's own.
     """
 
     def block(self, x):
         projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if not _WEIGHT_FIRST.get() or x.shape[-2] != 1 or not all(
-                _plain_or_scaled(p) for p in projections):
+        # One sequence alone is the exception: XLA's product for a single row reads the
+        # [out, in] kernel as fast as it is written (11.8 against 15.1 ms, in a loop).
+        if (not _WEIGHT_FIRST.get() or x.shape[-2] != 1 or x.size == x.shape[-1]
+                or not all(_plain_or_scaled(p) for p in projections)):
             return super().block(x)
         gate = _kernel_first(self.gate_proj, x)
         hidden = nnx.gelu(gate) * _kernel_first(self.up_proj, x)
