@@ -119,9 +119,8 @@ def unembed_last_position(embedding, hidden):
 # before their products (read from the optimized HLO of the decode loop, jaxlib 0.10.2):
 # XLA does not move a lone transpose out of a loop, so each new token rearranged the
 # 118 MB of the 270M model's attention weights (23 ms of a 150 ms step). The MLP kernels
-# ([in, out]) go in transposed, [out, in]: with a few rows of activations, XLA's product
-# against a kernel laid out that way reads it 27% faster (11.4 against 15.6 ms for the
-# 270M model's 18 gate projections, batch 8).
+# ([in, out]) go in transposed, [out, in], for DecodingFeedForward's kernel-first
+# products.
 DECODE_WEIGHT_LAYOUTS = {("q_einsum", "w"): (1, 0, 2), ("kv_einsum", "w"): (0, 1, 3, 2),
                          ("attn_vec_einsum", "w"): (1, 0, 2),
                          ("gate_proj", "kernel"): (1, 0), ("up_proj", "kernel"): (1, 0),
@@ -194,14 +193,11 @@ def lay_out_decode_weights(sampler) -> bool:
     def decode_fn(flat_state, sampling_state):
         from jaxpost.memory import release_free_memory
 
-        release_free_memory()  # the arranged copies come on top of what is in use
+        # The arranged copies come on top of what is in use (the reference pass hands
+        # them back when it starts, as the update does for what precedes it).
+        release_free_memory()
         arrays = jax.tree.leaves(flat_state)
-        arranged = arrange(arrays)
-        out = compiled(arrays, arranged, sampling_state)
-        del arranged
-        jax.block_until_ready(out)
-        release_free_memory()  # and are handed back before the next phase starts
-        return out
+        return compiled(arrays, arrange(arrays), sampling_state)
 
     sampler._compiled_decode_fn = decode_fn
     return True
@@ -288,9 +284,10 @@ class DecodingFeedForward(gemma3.FeedForward):
 
     def block(self, x):
         projections = (self.gate_proj, self.up_proj, self.down_proj)
+        rows = x.size // x.shape[-1]
         # One sequence alone is the exception: XLA's product for a single row reads the
         # [out, in] kernel as fast as it is written (11.8 against 15.1 ms, in a loop).
-        if (not _WEIGHT_FIRST.get() or x.shape[-2] != 1 or x.size == x.shape[-1]
+        if (not _WEIGHT_FIRST.get() or x.shape[-2] != 1 or rows < 2
                 or not all(_plain_or_scaled(p) for p in projections)):
             return super().block(x)
         gate = _kernel_first(self.gate_proj, x)
