@@ -90,7 +90,7 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
     kernel-first MLP products as with Tunix's and qwix's own."""
     from flax import nnx
 
-    from jaxpost.fast_logits import _WEIGHT_FIRST, DecodingFeedForward
+    from jaxpost.fast_logits import _DECODING_LOOP, DecodingFeedForward
     from jaxpost.lora import apply_lora
 
     loaded = load_model("random:gemma3-tiny", seed=0)
@@ -119,12 +119,12 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
         def forward(params, tokens):  # a new function each time: JAX caches traces by it
             return nnx.merge(graphdef, params)(tokens, positions, None, mask)[0]
 
-        token = _WEIGHT_FIRST.set(weight_first)
+        token = _DECODING_LOOP.set(weight_first)
         try:
             jaxpr = jax.make_jaxpr(forward)(params, tokens).jaxpr
             return forward(params, tokens), set(first_operands(jaxpr))
         finally:
-            _WEIGHT_FIRST.reset(token)
+            _DECODING_LOOP.reset(token)
 
     ours, our_operands = logits(True)
     tunix, tunix_operands = logits(False)
@@ -134,3 +134,66 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
     kernel_first = (model.layers[0].mlp.gate_proj.kernel.value.shape, (3, 1, cfg.embed_dim))
     assert kernel_first in our_operands
     assert kernel_first not in tunix_operands
+
+
+def _decode_attention_step(attn, x, positions, cache, mask, in_loop):
+    """One decoding step of ``attn`` traced with the decoding loop's flag on or off;
+    returns its outputs and the names of the primitives in its jaxpr."""
+    from flax import nnx
+
+    from jaxpost.fast_logits import _DECODING_LOOP
+
+    graphdef, params = nnx.split(attn)
+
+    def step(params, x, cache):  # a new function each time: JAX caches traces by it
+        return nnx.merge(graphdef, params)(x, positions, cache, mask)
+
+    token = _DECODING_LOOP.set(in_loop)
+    try:
+        jaxpr = jax.make_jaxpr(step)(params, x, cache).jaxpr
+        return step(params, x, cache), {e.primitive.name for e in jaxpr.eqns}
+    finally:
+        _DECODING_LOOP.reset(token)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 1), (4, 2), (4, 4)])
+@pytest.mark.parametrize("kind", ["LOCAL_SLIDING", "GLOBAL"])
+def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):
+    """In the decoding loop, one step of DecodingAttention (cache update kept whole)
+    gives Tunix's output and new cache, for one key head, grouped heads and one key
+    head per query head, with a sliding window that cuts into the cache, and a cache
+    that wraps around."""
+    from flax import nnx
+
+    from jaxpost.fast_logits import DecodingAttention
+
+    batch, cache_size, head_dim, embed, end = 3, 16, 8, 24, 21
+    attn = gemma3.Attention(
+        num_heads=heads, num_kv_heads=kv_heads, features=embed, head_dim=head_dim,
+        attn_type=gemma3.AttentionType[kind], rngs=nnx.Rngs(0), sliding_window_size=5,
+        rope_base_frequency=10_000, rope_scale_factor=1.0,
+        query_pre_attn_norm=gemma3.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM,
+        shd_config=gemma3.ShardingConfig.get_default_sharding(),
+        remat_config=gemma3.RematConfig.NONE, param_dtype=jnp.float32)
+    attn.__class__ = DecodingAttention
+    k = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(k[0], (batch, 1, embed))
+    positions = jnp.array([[end], [end - 2], [9]])
+    cache = {"k": jax.random.normal(k[1], (batch, cache_size, kv_heads, head_dim)),
+             "v": jax.random.normal(k[2], (batch, cache_size, kv_heads, head_dim)),
+             "end_index": jnp.full((batch,), end, jnp.int32)}
+    # Row 2 attends to part of its cache only (a shorter, left-padded sequence).
+    mask = jnp.ones((batch, 1, cache_size), bool).at[2, 0, :10].set(False)
+
+    (ours_cache, ours), our_ops = _decode_attention_step(attn, x, positions, cache, mask, True)
+    (tunix_cache, tunix), tunix_ops = _decode_attention_step(attn, x, positions, cache, mask,
+                                                             False)
+
+    assert "optimization_barrier" in our_ops and "optimization_barrier" not in tunix_ops
+    np.testing.assert_allclose(ours, tunix, rtol=1e-5, atol=1e-5)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(ours_cache[name], tunix_cache[name], rtol=1e-6, atol=1e-6)
+        # The new entry went where Tunix puts it (end_index modulo the cache size).
+        assert not np.allclose(ours_cache[name][:, end % cache_size], cache[name][:, end % cache_size])
+    np.testing.assert_array_equal(ours_cache["end_index"], tunix_cache["end_index"])
+    assert int(ours_cache["end_index"][0]) == end + 1

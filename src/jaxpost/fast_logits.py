@@ -25,8 +25,8 @@ Each sampling step's logits (one position per sequence) go through
 cores share the 671 MB read of the embedding table. :func:`lay_out_decode_weights` hands
 a sampler's decoding loop the attention and MLP weights already in the layouts a
 decoding step reads fastest, so that they are rearranged once per rollout instead of at
-every new token, and :class:`DecodingFeedForward` puts the MLP kernels first in those
-steps' products.
+every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
+in its products and :class:`DecodingAttention` writes each cache update once.
 
 The parameters, their paths and every other computation are Tunix's own, so LoRA
 targets, checkpoints and exports are unchanged.
@@ -142,9 +142,10 @@ def lay_out_decode_weights(sampler) -> bool:
     weights in the layouts a decoding step reads fastest (:data:`DECODE_WEIGHT_LAYOUTS`;
     400 MB for the 270M model, freed when the rollout ends). The loop receives them as
     arguments, so XLA cannot fold the arrangement back into the loop; each step
-    transposes them back to the model's own shapes, which XLA folds into the products,
-    and the MLP computes its products kernel first (:class:`DecodingFeedForward`). The
-    model computes the same numbers; Tunix's sampling step runs inside the loop.
+    transposes them back to the model's own shapes, which XLA folds into the products;
+    the MLP computes its products kernel first (:class:`DecodingFeedForward`) and the
+    attention writes its cache update once (:class:`DecodingAttention`). The model
+    computes the same numbers; Tunix's sampling step runs inside the loop.
 
     Returns:
       Whether the sampler's decoding loop was replaced (False off CPU, when the model
@@ -175,11 +176,11 @@ def lay_out_decode_weights(sampler) -> bool:
 
         def step(carry):
             arranged, state = carry
-            token = _WEIGHT_FIRST.set(True)  # the MLP kernels arrive [out, in]
+            token = _DECODING_LOOP.set(True)
             try:
                 return arranged, sampler._sample_step(params(arranged), state)
             finally:
-                _WEIGHT_FIRST.reset(token)
+                _DECODING_LOOP.reset(token)
 
         def running(carry):
             state = carry[1]
@@ -266,7 +267,70 @@ def recomputed_layer(layer: nnx.Module, x, positions, attention_mask):
     return layer_fn(lora, frozen, x, positions, attention_mask)
 
 
-_WEIGHT_FIRST = contextvars.ContextVar("jaxpost_weight_first_products", default=False)
+# Set while tracing a step of lay_out_decode_weights' decoding loop: the MLP kernels
+# arrive [out, in] there, and the attention's cache update is kept whole.
+_DECODING_LOOP = contextvars.ContextVar("jaxpost_decoding_loop", default=False)
+
+
+class DecodingAttention(gemma3.Attention):
+    """Tunix's Gemma 3 attention, whose cache update is written once in a decoding step.
+
+    In a step of one new position, Tunix writes the new key and value into the layer's
+    cache and reads the updated cache back. XLA's CPU compiler fuses that update into
+    each of its two readers (the attention product, which views the cache without its
+    one-head axis, and the loop's carry), and each fused copy needs a buffer of its
+    own: every new token copied each of the 36 caches of the 270M model two or three
+    times (about 100 MB, 10-14 ms a token for 8 sequences). Here the updated caches pass
+    through ``optimization_barrier``, so they are computed once, in place, and both
+    readers use that array. The arithmetic is Tunix's, step for step; outside
+    :func:`lay_out_decode_weights`' decoding loop (training, prefill, other loops) the
+    module is Tunix's own.
+    """
+
+    def block(self, x, segment_pos, cache, attn_mask):
+        import jax.numpy as jnp
+        from tunix.utils import sharding_utils
+
+        if not _DECODING_LOOP.get() or cache is None or x.shape[1] != 1:
+            return super().block(x, segment_pos, cache, attn_mask)
+        if self.use_qkv_einsum:
+            query, key, value = self.qkv_einsum(x)
+        else:
+            query = self.q_einsum(x)
+            key, value = self.kv_einsum(x)
+        query = sharding_utils.shard(query, self.shd_config.act_btnh)
+        key = sharding_utils.shard(key, self.shd_config.act_btnh)
+        value = sharding_utils.shard(value, self.shd_config.act_btnh)
+        rope = functools.partial(gemma3.apply_rope, positions=segment_pos,
+                                 head_dim=self.head_dim,
+                                 base_frequency=self.rope_base_frequency,
+                                 scale_factor=self.rope_scale_factor)
+        query = rope(self._query_norm(query)) * self.query_pre_attn_scalar
+        key = rope(self._key_norm(key))
+
+        end_index = cache["end_index"][0]
+        at = (0, end_index % cache["v"].shape[1], 0, 0)
+        key, value = jax.lax.optimization_barrier(
+            (jax.lax.dynamic_update_slice(cache["k"], key, at),
+             jax.lax.dynamic_update_slice(cache["v"], value, at)))
+
+        # Query heads in groups sharing a key head: Tunix's two einsums in one form (a
+        # single key head for all query heads, as in Gemma 3 270M, is one group).
+        batch, steps, heads, head_dim = query.shape
+        groups = heads // key.shape[2]
+        grouped = query.reshape(batch, steps, key.shape[2], groups, head_dim)
+        logits = jnp.einsum("BTKGH,BSKH->BTKGS", grouped, key)
+        logits = logits.reshape(batch, steps, heads, -1)
+        if self.attn_type == gemma3.AttentionType.LOCAL_SLIDING:
+            attn_mask = gemma3.create_sliding_window_mask(
+                attn_mask, sliding_window_size=self.sliding_window_size) * attn_mask
+        logits = jnp.where(jnp.expand_dims(attn_mask, -2), logits, gemma3.K_MASK)
+        probs = jax.nn.softmax(logits, axis=-1).astype(key.dtype)
+        probs = probs.reshape(batch, steps, key.shape[2], groups, -1)
+        encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, value)
+        output = self.attn_vec_einsum(encoded.reshape(batch, steps, heads, head_dim))
+        output = sharding_utils.shard(output, self.shd_config.act_btd)
+        return {"v": value, "k": key, "end_index": cache["end_index"] + steps}, output
 
 
 class DecodingFeedForward(gemma3.FeedForward):
@@ -287,7 +351,7 @@ class DecodingFeedForward(gemma3.FeedForward):
         rows = x.size // x.shape[-1]
         # One sequence alone is the exception: XLA's product for a single row reads the
         # [out, in] kernel as fast as it is written (11.8 against 15.1 ms, in a loop).
-        if (not _WEIGHT_FIRST.get() or x.shape[-2] != 1 or rows < 2
+        if (not _DECODING_LOOP.get() or x.shape[-2] != 1 or rows < 2
                 or not all(_plain_or_scaled(p) for p in projections)):
             return super().block(x)
         gate = _kernel_first(self.gate_proj, x)
@@ -328,6 +392,8 @@ def enable(model: nnx.Module) -> bool:
         for layer in model.layers:
             if type(layer.mlp) is gemma3.FeedForward:
                 layer.mlp.__class__ = DecodingFeedForward
+            if type(layer.attn) is gemma3.Attention:
+                layer.attn.__class__ = DecodingAttention
     return isinstance(model, Gemma3TrimmedLogits)
 
 
