@@ -197,3 +197,51 @@ def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):
         assert not np.allclose(ours_cache[name][:, end % cache_size], cache[name][:, end % cache_size])
     np.testing.assert_array_equal(ours_cache["end_index"], tunix_cache["end_index"])
     assert int(ours_cache["end_index"][0]) == end + 1
+
+
+def test_prefill_once_per_prompt_equals_tunix(monkeypatch):
+    """A batch that repeats its prompts (GRPO's G completions each) samples the same
+    tokens with the same logits as Tunix's sampler, while its prefill runs each prompt
+    once; a batch without repeats takes the ordinary prefill."""
+    from flax import nnx
+
+    from jaxpost.fast_logits import Gemma3TrimmedLogits
+    from jaxpost.lora import apply_lora
+    from jaxpost.sampling import make_sampler
+
+    loaded = load_model("random:gemma3-tiny", seed=0)
+    model = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), state))
+    cfg = loaded.model_config
+    cache = sampler_lib.CacheConfig(cache_size=24, num_layers=cfg.num_layers,
+                                    num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    tunix = sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer, cache_config=cache)
+    ours = make_sampler(model, loaded, cache_size=24)
+    assert ours._compiled_prefill_fn.__name__ == "prefill_fn"
+    prefill_batches = []  # rows of the model's prefill passes (traced once per shape)
+    original = Gemma3TrimmedLogits._hidden
+
+    def spy(self, tokens, *args, **kwargs):
+        if args[1] is not None and tokens.shape[1] > 1:
+            prefill_batches.append(tokens.shape[0])
+        return original(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(Gemma3TrimmedLogits, "_hidden", spy)
+
+    def run(sampler, prompts):
+        return sampler(prompts, max_generation_steps=6, max_prompt_length=12, temperature=0.9,
+                       top_k=20, top_p=1.0, seed=3, return_logits=True, eos_tokens=[-1])
+
+    for prompts in (["The capital of France is"] * 3 + ["2 + 3 ="] * 3,
+                    ["2 + 3 =", "The capital of France is"]):
+        prefill_batches.clear()
+        a = run(ours, prompts)
+        assert prefill_batches == [2]  # the distinct prompts
+        b = run(tunix, prompts)
+        assert [list(t) for t in a.tokens] == [list(t) for t in b.tokens]
+        # The rows of a group sampled different continuations from the same prompt.
+        assert len({tuple(t) for t in a.tokens}) == len(prompts)
+        for x, y in zip(a.logits, b.logits):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)

@@ -27,6 +27,7 @@ a sampler's decoding loop the attention and MLP weights already in the layouts a
 decoding step reads fastest, so that they are rearranged once per rollout instead of at
 every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
 in its products and :class:`DecodingAttention` writes each cache update once.
+:func:`share_prompt_prefill` makes a sampler's prefill run each repeated prompt once.
 
 The parameters, their paths and every other computation are Tunix's own, so LoRA
 targets, checkpoints and exports are unchanged.
@@ -63,6 +64,11 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
             return super().__call__(last_tokens, positions, cache, attention_mask,
                                     output_hidden_states, images=images)
         keep = 1 if decode_only_last_token else (self.logits_keep if cache is None else None)
+        group = _PREFILL_GROUP.get()
+        if (group > 1 and cache is not None and not output_hidden_states
+                and last_tokens.shape[1] > 1 and last_tokens.shape[0] % group == 0):
+            return self._prefill_once_per_prompt(last_tokens, positions, cache,
+                                                 attention_mask, keep, group)
         x, new_cache = self._hidden(last_tokens, positions, cache, attention_mask, keep)
         if output_hidden_states:
             self.sow(nnx.Intermediate, "all_hidden_states", x)
@@ -84,6 +90,22 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
         if keep is not None and keep < x.shape[1]:
             x = x[:, -keep:]
         return self.final_norm(x), new_cache
+
+    def _prefill_once_per_prompt(self, tokens, positions, cache, attention_mask, keep, group):
+        """A prefill whose rows repeat each prompt ``group`` times in a row: each prompt
+        runs once, and its logits and cache entries are repeated for its rows. The
+        rows' inputs are identical, so their results would be too."""
+        import jax.numpy as jnp
+
+        def first(a):
+            return a[::group]
+
+        def every(a):
+            return jnp.repeat(a, group, axis=0)
+
+        x, new_cache = self._hidden(first(tokens), first(positions),
+                                    jax.tree.map(first, cache), first(attention_mask), keep)
+        return every(self.unembed(x)), jax.tree.map(every, new_cache)
 
     def unembed(self, hidden):
         """Logits of hidden states: ``[batch, positions, embed] -> [..., vocab]`` (tied
@@ -201,6 +223,55 @@ def lay_out_decode_weights(sampler) -> bool:
         return compiled(arrays, arrange(arrays), sampling_state)
 
     sampler._compiled_decode_fn = decode_fn
+    return True
+
+
+# The prompt grouping of the rows a prefill is being traced for (see share_prompt_prefill).
+_PREFILL_GROUP = contextvars.ContextVar("jaxpost_prefill_group", default=1)
+
+
+def share_prompt_prefill(sampler) -> bool:
+    """Makes a Tunix ``Sampler``'s prefill compute each repeated prompt once (CPU).
+
+    A GRPO rollout samples G completions of each prompt, so the sampler's batch holds
+    every prompt G times in a row, and Tunix's prefill runs the model over all of those
+    copies (8 rows of 64 tokens for 2 prompts x 4 completions). Before each prefill the
+    grouping is read from the token buffer on the host (:func:`prompt_group_size`); a
+    prefill compiled for that grouping runs each prompt once and repeats its logits and
+    KV-cache entries for its rows (:class:`Gemma3TrimmedLogits`). Sampling, from the
+    first new token on, stays per row. Batches without repeats run as before.
+
+    Returns:
+      Whether the sampler's prefill was replaced (False off CPU, for a model other than
+      :class:`Gemma3TrimmedLogits`, or for a sampler without Tunix 0.1.7's internals).
+    """
+    import numpy as np
+
+    needed = ("_prefill_fn", "_compiled_prefill_fn", "_flattened_transformer_state")
+    if (jax.default_backend() != "cpu" or not all(hasattr(sampler, a) for a in needed)
+            or not isinstance(sampler.transformer, Gemma3TrimmedLogits)):
+        return False
+    compiled = {}
+
+    def for_group(group):
+        if group not in compiled:
+            def prefill(params, sampling_state, images=None, echo=True):
+                token = _PREFILL_GROUP.set(group)
+                try:
+                    return sampler._prefill_fn(params, sampling_state, images, echo)
+                finally:
+                    _PREFILL_GROUP.reset(token)
+
+            compiled[group] = jax.jit(prefill, donate_argnums=(1,), static_argnames=("echo",))
+        return compiled[group]
+
+    def prefill_fn(params, sampling_state, images=None, echo=True):
+        group = 1
+        if images is None and sampling_state.sampling_mode != "beam_search":
+            group = prompt_group_size(np.asarray(sampling_state.token_buffer))
+        return for_group(group)(params, sampling_state, images, echo=echo)
+
+    sampler._compiled_prefill_fn = prefill_fn
     return True
 
 

@@ -28,6 +28,7 @@ def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
     sampler = sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer,
                                   cache_config=cache)
     fast_logits.lay_out_decode_weights(sampler)
+    fast_logits.share_prompt_prefill(sampler)
     return sampler
 
 
