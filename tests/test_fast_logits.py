@@ -245,3 +245,34 @@ def test_prefill_once_per_prompt_equals_tunix(monkeypatch):
         assert len({tuple(t) for t in a.tokens}) == len(prompts)
         for x, y in zip(a.logits, b.logits):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)
+
+
+def test_second_rollout_compiles_nothing():
+    """A sampler called again with prompts of the same shapes reuses every compiled
+    function (Tunix's JAX-scalar prompt length used to cost a compilation per call)."""
+    import jax.monitoring
+
+    from jaxpost.sampling import make_sampler
+
+    loaded = load_model("random:gemma3-tiny", seed=0)
+    sampler = make_sampler(loaded.model, loaded, cache_size=24)
+    compiles = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    def run(prompts, seed):
+        return sampler(prompts, max_generation_steps=4, max_prompt_length=12, temperature=0.9,
+                       top_k=20, top_p=1.0, seed=seed, eos_tokens=[-1])
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        run(["2 + 3 =", "2 + 3 =", "The capital of France is", "The capital of France is"], 0)
+        assert compiles  # the listener sees compilations
+        compiles.clear()
+        out = run(["1 + 1 =", "1 + 1 =", "Paris is in", "Paris is in"], 1)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(out.tokens) == 4
+    assert compiles == []

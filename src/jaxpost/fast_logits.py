@@ -266,6 +266,11 @@ def share_prompt_prefill(sampler) -> bool:
         return compiled[group]
 
     def prefill_fn(params, sampling_state, images=None, echo=True):
+        # Tunix stores the prompt length, a static field, as a JAX scalar; the compiled
+        # functions' cache then compares it through a fresh jit(equal) compilation at
+        # every rollout (about 0.1 s). A Python int compares directly.
+        sampling_state = sampling_state.replace(
+            num_input_tokens=int(sampling_state.num_input_tokens))
         group = 1
         if images is None and sampling_state.sampling_mode != "beam_search":
             group = prompt_group_size(np.asarray(sampling_state.token_buffer))
