@@ -328,3 +328,35 @@ def test_metrics_recorder_forwards_each_value_to_a_wandb_run(tmp_path):
     assert run.logged[0] == {"step": 1, "rewards/format_exact": 0.5}
     assert {"step": 1, "loss": 0.25} in run.logged
     assert sum("loss" in x for x in run.logged) == 1
+
+
+def test_metrics_recorder_logs_the_learning_rate_without_compiling_per_step(tmp_path):
+    """Each step's learning rate is the schedule's value for it, and logging a step
+    compiles nothing (in training, each step's eager schedule call compiled again)."""
+    import jax.monitoring
+    import optax
+
+    from jaxpost.train import MetricsRecorder
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 2, 10, 1e-5)
+    recorder = MetricsRecorder(tmp_path / "metrics.jsonl", total_steps=4, log_every=1,
+                               schedule=schedule)
+    compiles = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        recorder.log_scalar("actor/train/loss", 0.5, step=1)
+        compiles.clear()
+        for step in (2, 3, 4):
+            recorder.log_scalar("actor/train/loss", 0.5, step=step)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        recorder.close()
+    assert compiles == []
+    rates = [row["learning_rate"] for row in recorder.history()]
+    np.testing.assert_allclose(rates, [float(schedule(s)) for s in range(4)], rtol=1e-6)
+    assert rates[0] == 0.0 and rates[2] == pytest.approx(1e-3)
