@@ -266,6 +266,9 @@ def share_prompt_prefill(sampler) -> bool:
         return compiled[group]
 
     def prefill_fn(params, sampling_state, images=None, echo=True):
+        from jaxpost.memory import release_free_memory
+
+        release_free_memory()  # the rollout starts from memory in use, as other phases do
         # Tunix stores the prompt length, a static field, as a JAX scalar; the compiled
         # functions' cache then compares it through a fresh jit(equal) compilation at
         # every rollout (about 0.1 s). A Python int compares directly.
