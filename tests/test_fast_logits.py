@@ -52,8 +52,9 @@ def test_decode_step_logits_equal_tunix():
     np.testing.assert_allclose(ours, tunix, rtol=1e-5, atol=1e-5)
 
 
-def test_decoding_with_laid_out_weights_equals_tunix():
-    """Same tokens and per-step logits as Tunix's own decoding loop, LoRA included."""
+def _tunix_and_jaxpost_samplers():
+    """Tunix's own sampler and jaxpost's (:func:`jaxpost.sampling.make_sampler`) for one
+    tiny Gemma 3 with non-zero LoRA adapters."""
     from flax import nnx
 
     from jaxpost.lora import apply_lora
@@ -68,7 +69,12 @@ def test_decoding_with_laid_out_weights_equals_tunix():
     cache = sampler_lib.CacheConfig(cache_size=24, num_layers=cfg.num_layers,
                                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     tunix = sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer, cache_config=cache)
-    ours = make_sampler(model, loaded, cache_size=24)
+    return tunix, make_sampler(model, loaded, cache_size=24)
+
+
+def test_decoding_with_laid_out_weights_equals_tunix():
+    """Same tokens and per-step logits as Tunix's own decoding loop, LoRA included."""
+    tunix, ours = _tunix_and_jaxpost_samplers()
     # make_sampler replaced the loop (Tunix's is a jitted method of the sampler).
     assert ours._compiled_decode_fn.__name__ == "decode_fn"
     prompts = ["The capital of France is", "2 + 3 ="]
@@ -203,22 +209,9 @@ def test_prefill_once_per_prompt_equals_tunix(monkeypatch):
     """A batch that repeats its prompts (GRPO's G completions each) samples the same
     tokens with the same logits as Tunix's sampler, while its prefill runs each prompt
     once; a batch without repeats takes the ordinary prefill."""
-    from flax import nnx
-
     from jaxpost.fast_logits import Gemma3TrimmedLogits
-    from jaxpost.lora import apply_lora
-    from jaxpost.sampling import make_sampler
 
-    loaded = load_model("random:gemma3-tiny", seed=0)
-    model = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)
-    state = nnx.state(model, nnx.LoRAParam)
-    nnx.update(model, jax.tree.map(
-        lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), state))
-    cfg = loaded.model_config
-    cache = sampler_lib.CacheConfig(cache_size=24, num_layers=cfg.num_layers,
-                                    num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-    tunix = sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer, cache_config=cache)
-    ours = make_sampler(model, loaded, cache_size=24)
+    tunix, ours = _tunix_and_jaxpost_samplers()
     assert ours._compiled_prefill_fn.__name__ == "prefill_fn"
     prefill_batches = []  # rows of the model's prefill passes (traced once per shape)
     original = Gemma3TrimmedLogits._hidden
