@@ -91,12 +91,32 @@ def test_decoding_with_laid_out_weights_equals_tunix():
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)
 
 
+def _run_in_decoding_loop(module, args, in_loop):
+    """``module(*args)`` traced with the decoding loop's flag on or off; returns its
+    outputs and its jaxpr."""
+    from flax import nnx
+
+    from jaxpost.fast_logits import _DECODING_LOOP
+
+    graphdef, params = nnx.split(module)
+
+    def run(params, *args):  # a new function each time: JAX caches traces by it
+        return nnx.merge(graphdef, params)(*args)
+
+    token = _DECODING_LOOP.set(in_loop)
+    try:
+        jaxpr = jax.make_jaxpr(run)(params, *args).jaxpr
+        return run(params, *args), jaxpr
+    finally:
+        _DECODING_LOOP.reset(token)
+
+
 def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
     """A one-position forward pass gives the same logits with the decoding loop's
     kernel-first MLP products as with Tunix's and qwix's own."""
     from flax import nnx
 
-    from jaxpost.fast_logits import _DECODING_LOOP, DecodingFeedForward
+    from jaxpost.fast_logits import DecodingFeedForward
     from jaxpost.lora import apply_lora
 
     loaded = load_model("random:gemma3-tiny", seed=0)
@@ -110,8 +130,6 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
     positions = jnp.array([[0], [3], [7]])
     mask = jnp.ones((3, 1, 1), bool)
 
-    graphdef, params = nnx.split(model)
-
     cfg = loaded.model_config
 
     def first_operands(jaxpr):
@@ -122,15 +140,9 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
                 yield from first_operands(sub)
 
     def logits(weight_first):
-        def forward(params, tokens):  # a new function each time: JAX caches traces by it
-            return nnx.merge(graphdef, params)(tokens, positions, None, mask)[0]
-
-        token = _DECODING_LOOP.set(weight_first)
-        try:
-            jaxpr = jax.make_jaxpr(forward)(params, tokens).jaxpr
-            return forward(params, tokens), set(first_operands(jaxpr))
-        finally:
-            _DECODING_LOOP.reset(token)
+        (out, _), jaxpr = _run_in_decoding_loop(model, (tokens, positions, None, mask),
+                                                weight_first)
+        return out, set(first_operands(jaxpr))
 
     ours, our_operands = logits(True)
     tunix, tunix_operands = logits(False)
@@ -140,26 +152,6 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
     kernel_first = (model.layers[0].mlp.gate_proj.kernel.value.shape, (3, 1, cfg.embed_dim))
     assert kernel_first in our_operands
     assert kernel_first not in tunix_operands
-
-
-def _decode_attention_step(attn, x, positions, cache, mask, in_loop):
-    """One decoding step of ``attn`` traced with the decoding loop's flag on or off;
-    returns its outputs and the names of the primitives in its jaxpr."""
-    from flax import nnx
-
-    from jaxpost.fast_logits import _DECODING_LOOP
-
-    graphdef, params = nnx.split(attn)
-
-    def step(params, x, cache):  # a new function each time: JAX caches traces by it
-        return nnx.merge(graphdef, params)(x, positions, cache, mask)
-
-    token = _DECODING_LOOP.set(in_loop)
-    try:
-        jaxpr = jax.make_jaxpr(step)(params, x, cache).jaxpr
-        return step(params, x, cache), {e.primitive.name for e in jaxpr.eqns}
-    finally:
-        _DECODING_LOOP.reset(token)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(2, 1), (4, 2), (4, 4)])
@@ -191,9 +183,12 @@ def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):
     # Row 2 attends to part of its cache only (a shorter, left-padded sequence).
     mask = jnp.ones((batch, 1, cache_size), bool).at[2, 0, :10].set(False)
 
-    (ours_cache, ours), our_ops = _decode_attention_step(attn, x, positions, cache, mask, True)
-    (tunix_cache, tunix), tunix_ops = _decode_attention_step(attn, x, positions, cache, mask,
-                                                             False)
+    (ours_cache, ours), our_jaxpr = _run_in_decoding_loop(attn, (x, positions, cache, mask),
+                                                          True)
+    (tunix_cache, tunix), tunix_jaxpr = _run_in_decoding_loop(
+        attn, (x, positions, cache, mask), False)
+    our_ops = {e.primitive.name for e in our_jaxpr.eqns}
+    tunix_ops = {e.primitive.name for e in tunix_jaxpr.eqns}
 
     assert "optimization_barrier" in our_ops and "optimization_barrier" not in tunix_ops
     np.testing.assert_allclose(ours, tunix, rtol=1e-5, atol=1e-5)

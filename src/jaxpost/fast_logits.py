@@ -27,7 +27,8 @@ a sampler's decoding loop the attention and MLP weights already in the layouts a
 decoding step reads fastest, so that they are rearranged once per rollout instead of at
 every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
 in its products and :class:`DecodingAttention` writes each cache update once.
-:func:`share_prompt_prefill` makes a sampler's prefill run each repeated prompt once.
+:func:`share_prompt_prefill` makes a sampler's prefill run each repeated prompt once;
+:func:`speed_up_sampler` installs both.
 
 The parameters, their paths and every other computation are Tunix's own, so LoRA
 targets, checkpoints and exports are unchanged.
@@ -224,6 +225,14 @@ def lay_out_decode_weights(sampler) -> bool:
 
     sampler._compiled_decode_fn = decode_fn
     return True
+
+
+def speed_up_sampler(sampler) -> None:
+    """Installs jaxpost's faster decoding loop (:func:`lay_out_decode_weights`) and
+    prefill (:func:`share_prompt_prefill`) on a Tunix ``Sampler``; each leaves the
+    sampler as it is where it does not apply."""
+    lay_out_decode_weights(sampler)
+    share_prompt_prefill(sampler)
 
 
 # The prompt grouping of the rows a prefill is being traced for (see share_prompt_prefill).

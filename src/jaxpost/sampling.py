@@ -5,7 +5,6 @@ from __future__ import annotations
 import types
 from typing import Sequence
 
-import jax
 from flax import nnx
 
 from jaxpost import fast_logits
@@ -27,8 +26,7 @@ def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
                                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     sampler = sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer,
                                   cache_config=cache)
-    fast_logits.lay_out_decode_weights(sampler)
-    fast_logits.share_prompt_prefill(sampler)
+    fast_logits.speed_up_sampler(sampler)
     return sampler
 
 

@@ -158,9 +158,7 @@ def build_cluster(
     chunk_reference_logps(cluster.inference_worker)
     chunk_old_logps(cluster)
     share_frozen_weights_with_anchor(cluster)
-    rollout_sampler = getattr(cluster.rollout, "_sampler", None)
-    fast_logits.lay_out_decode_weights(rollout_sampler)
-    fast_logits.share_prompt_prefill(rollout_sampler)
+    fast_logits.speed_up_sampler(getattr(cluster.rollout, "_sampler", None))
     from jaxpost.memory import release_free_memory
 
     release_free_memory()  # what loading and building freed, before the first rollout
