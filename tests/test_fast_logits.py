@@ -83,12 +83,46 @@ def test_decoding_with_laid_out_weights_equals_tunix():
         return sampler(prompts, max_generation_steps=8, max_prompt_length=12,
                        return_logits=True, eos_tokens=[-1])
 
+    steps = _record_last_steps(tunix=tunix, ours=ours)
     a, b = run(ours), run(tunix)
 
     assert [list(t) for t in a.tokens] == [list(t) for t in b.tokens]
     for x, y in zip(a.logits, b.logits):
         assert np.asarray(x).shape[0] == 8
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)
+    # 12 prompt + 8 new tokens: Tunix's loop also runs the step whose token would go
+    # to position 20, past its buffer; ours stops before it.
+    assert steps == {"tunix": 20, "ours": 19}
+
+
+def _record_last_steps(**samplers) -> dict:
+    """Makes each sampler's decoding loop record the step it ended at, by name."""
+    steps = {}
+    for name, sampler in samplers.items():
+        def decode(*args, loop=sampler._compiled_decode_fn, name=name):
+            state = loop(*args)
+            steps[name] = int(state.decoding_step)
+            return state
+
+        sampler._compiled_decode_fn = decode
+    return steps
+
+
+def test_beam_search_with_laid_out_weights_equals_tunix():
+    """Beam search through jaxpost's decoding loop keeps Tunix's last step (it scores
+    the beams) and returns Tunix's tokens."""
+    tunix, ours = _tunix_and_jaxpost_samplers()
+    prompts = ["The capital of France is", "2 + 3 ="]
+
+    def run(sampler):
+        return sampler(prompts, max_generation_steps=6, max_prompt_length=12,
+                       beam_size=3, eos_tokens=[-1])
+
+    steps = _record_last_steps(tunix=tunix, ours=ours)
+    a, b = run(ours), run(tunix)
+    assert [list(t) for t in a.tokens] == [list(t) for t in b.tokens]
+    assert all(len(t) == 6 for t in a.tokens)
+    assert steps == {"tunix": 18, "ours": 18}
 
 
 def _run_in_decoding_loop(module, args, in_loop):

@@ -168,7 +168,8 @@ def lay_out_decode_weights(sampler) -> bool:
     transposes them back to the model's own shapes, which XLA folds into the products;
     the MLP computes its products kernel first (:class:`DecodingFeedForward`) and the
     attention writes its cache update once (:class:`DecodingAttention`). The model
-    computes the same numbers; Tunix's sampling step runs inside the loop.
+    computes the same numbers; Tunix's sampling step runs inside the loop, which stops
+    before the final step whose token Tunix discards (except in beam search).
 
     Returns:
       Whether the sampler's decoding loop was replaced (False off CPU, when the model
@@ -205,9 +206,17 @@ def lay_out_decode_weights(sampler) -> bool:
             finally:
                 _DECODING_LOOP.reset(token)
 
+        # Tunix's loop runs while decoding_step < total_sampling_steps, and a step
+        # writes its token at decoding_step + 1: the last step's token falls outside the
+        # token buffer and is dropped. Sampling stops before that step (one decoding
+        # step of the model saved per rollout). Beam search runs it: that step still
+        # rescores the beams and chooses which ones are kept.
+        last = sampling_state.total_sampling_steps - (
+            0 if sampling_state.sampling_mode == "beam_search" else 1)
+
         def running(carry):
             state = carry[1]
-            return (state.decoding_step < state.total_sampling_steps) & jax.numpy.any(
+            return (state.decoding_step < last) & jax.numpy.any(
                 jax.numpy.logical_not(state.done))
 
         return jax.lax.while_loop(running, step, (arranged, sampling_state))[1]
