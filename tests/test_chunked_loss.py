@@ -229,3 +229,104 @@ def test_grpo_loss_computes_each_prompt_once_when_the_step_says_so(policy):
         del model.prompt_group
     assert ours == pytest.approx(tunix, rel=1e-4, abs=1e-6)
     _assert_trees_close(our_grads, tunix_grads, rel=2e-3)
+
+
+def _rollout_with_layer_inputs(loaded, model, prompts, steps=6, prompt_len=10):
+    """A rollout of ``prompts`` by jaxpost's sampler, keeping its layer inputs; returns
+    the sampler and the rollout's prompt and completion ids."""
+    from jaxpost.fast_logits import keep_layer_inputs
+    from jaxpost.sampling import make_sampler
+
+    sampler = make_sampler(model, loaded, cache_size=prompt_len + steps)
+    assert keep_layer_inputs(sampler, model)
+    sampler(prompts, max_generation_steps=steps, max_prompt_length=prompt_len,
+            temperature=0.9, top_k=20, top_p=1.0, seed=3, eos_tokens=[-1])
+    tokens = np.array(sampler._jaxpost_layer_inputs["tokens"])
+    return sampler, tokens[:, :prompt_len], tokens[:, prompt_len:]
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_rollout_layer_inputs_give_the_forward_pass_logps_and_gradients(policy, group):
+    """Log-probs and LoRA gradients from the layer inputs a rollout kept equal those of
+    the update's own forward pass, with prompts computed once or per row, and a
+    completion that ended early (Tunix pads it)."""
+    from jaxpost.fast_logits import rollout_layer_inputs
+
+    loaded, model = policy
+    sampler, prompt_ids, completion_ids = _rollout_with_layer_inputs(
+        loaded, model, ["The capital of France is"] * 2 + ["2 + 3 ="] * 2)
+    mask = np.ones_like(completion_ids)
+    completion_ids[1, 4:], mask[1, 4:] = 0, 0  # as Tunix pads after an end of sequence
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    layer_inputs = rollout_layer_inputs(sampler, prompt_ids, completion_ids, mask, lora)
+    layers = len(model.layers)
+    assert layer_inputs.shape == (layers + 1, 4, 16, loaded.model_config.embed_dim)
+    # The completions' last position is never run (no token follows it).
+    assert not np.any(np.asarray(layer_inputs[:, :, -1]))
+    weights = jnp.asarray(np.random.default_rng(5).normal(size=mask.shape) * mask, jnp.float32)
+
+    def weighted_logps(lora_state, inputs):
+        m = nnx.merge(graphdef, lora_state, rest)
+        logps, _ = completion_logps(m, prompt_ids, completion_ids, 0, temperature=0.9,
+                                    prompt_group=group, layer_inputs=inputs)
+        return jnp.sum(logps * weights), logps
+
+    grad_fn = jax.jit(jax.grad(weighted_logps, has_aux=True))
+    want_grads, want = grad_fn(lora, None)
+    got_grads, got = grad_fn(lora, layer_inputs)
+    np.testing.assert_allclose(np.asarray(got) * mask, np.asarray(want) * mask,
+                               rtol=1e-5, atol=1e-5)
+    _assert_trees_close(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads))
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads)) > 1e-2
+    # Taken from the kept inputs, the layers do not run forward: the loss's own products
+    # are the unembedding's, and its gradient computes no more of them than with
+    # recomputation (remat), which runs each layer forward twice.
+    def products(fn, *args):
+        return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+    def remat_logps(lora_state):
+        m = nnx.merge(graphdef, lora_state, rest)
+        m.remat_layers = True
+        logps, _ = completion_logps(m, prompt_ids, completion_ids, 0, prompt_group=group)
+        return jnp.sum(logps * weights), logps
+
+    assert (products(lambda x: weighted_logps(lora, x)[0], layer_inputs)
+            < products(lambda x: weighted_logps(lora, x)[0], None))
+    assert (products(jax.grad(weighted_logps, has_aux=True), lora, layer_inputs)
+            < products(jax.grad(remat_logps, has_aux=True), lora))
+
+
+def test_rollout_layer_inputs_apply_only_to_the_rollouts_rows_and_weights(policy):
+    from jaxpost.fast_logits import rollout_layer_inputs
+
+    loaded, model = policy
+    sampler, prompt_ids, completion_ids = _rollout_with_layer_inputs(
+        loaded, model, ["The capital of France is", "2 + 3 ="])
+    mask = np.ones_like(completion_ids)
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    assert rollout_layer_inputs(sampler, prompt_ids, completion_ids, mask, lora) is not None
+    # Padding after an end of sequence is not a difference; another token is.
+    padded, short = completion_ids.copy(), mask.copy()
+    padded[0, 3:], short[0, 3:] = 0, 0
+    assert rollout_layer_inputs(sampler, prompt_ids, padded, short, lora) is not None
+    other = completion_ids.copy()
+    other[0, 2] += 1
+    assert rollout_layer_inputs(sampler, prompt_ids, other, mask, lora) is None
+    assert rollout_layer_inputs(sampler, prompt_ids[:1], completion_ids[:1], mask[:1],
+                                lora) is None
+    # Weights updated since the rollout: its activations are not the policy's any more.
+    updated = jax.tree.map(lambda x: x * 1.01, lora)
+    assert rollout_layer_inputs(sampler, prompt_ids, completion_ids, mask, updated) is None
+
+
+def test_layer_inputs_are_kept_only_for_the_policys_frozen_weights(policy):
+    """A sampler over other base weights (another model with the same LoRA) keeps none."""
+    from jaxpost.fast_logits import keep_layer_inputs
+    from jaxpost.sampling import make_sampler
+
+    loaded, model = policy
+    other = load_model("random:gemma3-tiny", seed=7)
+    other_policy = apply_lora(other.model, other.mesh, rank=4, alpha=8.0, seed=1)
+    nnx.update(other_policy, nnx.state(model, nnx.LoRAParam))
+    assert not keep_layer_inputs(make_sampler(other_policy, other, cache_size=16), model)
+    assert keep_layer_inputs(make_sampler(model, loaded, cache_size=16), model)

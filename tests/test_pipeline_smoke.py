@@ -29,16 +29,37 @@ def _arrays(model, kind):
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, kind))]
 
 
+# For each update of the smoke run: whether it took its rollout's layer inputs.
+UPDATES_FROM_ROLLOUT = []
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """Two GRPO steps of the smoke preset, then a resumed run to step 3."""
+    from jaxpost import tunix_adapter
+
     out = tmp_path_factory.mktemp("smoke_run")
     config = dataclasses.replace(get_preset("smoke"), output_dir=str(out))
     session = prepare_colab_session(config)
     base_before = [x.copy() for x in _arrays(session.loaded.model, nnx.Param)]
     lora_before = [x.copy() for x in _arrays(session.lora_model, nnx.LoRAParam)]
-    state = train_grpo(config, session)
+    update = tunix_adapter._LoraTrainStep.__call__
+
+    def recorded_update(self, inputs):
+        out = update(self, inputs)
+        UPDATES_FROM_ROLLOUT.append(self.used_rollout_layer_inputs)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tunix_adapter._LoraTrainStep, "__call__", recorded_update)
+        state = train_grpo(config, session)
     return config, session, state, base_before, lora_before
+
+
+def test_updates_take_the_rollouts_layer_inputs(smoke_run):
+    """Each update follows its own rollout with the weights it sampled with, so none
+    runs the layers forward again."""
+    assert UPDATES_FROM_ROLLOUT == [True, True]
 
 
 def test_lora_changed_and_base_did_not(smoke_run):

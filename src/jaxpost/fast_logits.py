@@ -28,7 +28,9 @@ decoding step reads fastest, so that they are rearranged once per rollout instea
 every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
 in its products and :class:`DecodingAttention` writes each cache update once.
 :func:`share_prompt_prefill` makes a sampler's prefill run each repeated prompt once;
-:func:`speed_up_sampler` installs both.
+:func:`speed_up_sampler` installs both. :func:`keep_layer_inputs` makes such a sampler
+keep every layer's input from each rollout, so that the update after it need not run the
+layers forward again (:func:`rollout_layer_inputs`).
 
 The parameters, their paths and every other computation are Tunix's own, so LoRA
 targets, checkpoints and exports are unchanged.
@@ -54,13 +56,14 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
 
     def __call__(self, last_tokens, positions=None, cache=None, attention_mask=None,
                  output_hidden_states: bool = False, *, images=None,
-                 decode_only_last_token: bool = False, hidden_keep: int | None = None):
+                 decode_only_last_token: bool = False, hidden_keep: int | None = None,
+                 layer_outputs=None):
         if hidden_keep is not None:
             # Final-norm hidden states of the last positions instead of logits. Goes
             # through __call__ so that qwix's LoRA interception (installed around
             # __call__) applies.
             return self._hidden(last_tokens, positions, None, attention_mask, hidden_keep,
-                                remat=self.remat_layers)
+                                remat=self.remat_layers, layer_outputs=layer_outputs)
         if images is not None:
             return super().__call__(last_tokens, positions, cache, attention_mask,
                                     output_hidden_states, images=images)
@@ -75,19 +78,34 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
             self.sow(nnx.Intermediate, "all_hidden_states", x)
         return self.unembed(x), new_cache  # [batch, kept, vocab]
 
-    def _hidden(self, tokens, positions, cache, attention_mask, keep, remat=False):
+    def _hidden(self, tokens, positions, cache, attention_mask, keep, remat=False,
+                layer_outputs=None):
+        """Final-norm hidden states (the last ``keep`` positions) and the new cache.
+
+        ``layer_outputs`` (training, no cache): each layer's output as a rollout
+        computed it (:func:`rollout_layer_inputs`); the layers are then not run forward,
+        only recomputed in the backward pass (:func:`recomputed_layer`).
+        """
         new_cache = None if cache is None else {}
+        recorded = _LAYER_INPUTS.get()
         x = self._encode_and_get_inputs(tokens=tokens, images=None)  # [batch, seq, embed]
         for i, layer in enumerate(self.layers):
             name = f"layer_{i}"
+            if recorded is not None:
+                recorded.append(x)
             with jax.named_scope(name):
-                if remat and cache is None:
+                if layer_outputs is not None and cache is None:
+                    layer_cache, x = None, recomputed_layer(layer, x, positions, attention_mask,
+                                                            output=layer_outputs[i])
+                elif remat and cache is None:
                     layer_cache, x = None, recomputed_layer(layer, x, positions, attention_mask)
                 else:
                     layer_cache, x = layer(x, positions, cache[name] if cache else None,
                                            attention_mask)
             if cache is not None:
                 new_cache[name] = layer_cache
+        if recorded is not None:
+            recorded.append(x)
         if keep is not None and keep < x.shape[1]:
             x = x[:, -keep:]
         return self.final_norm(x), new_cache
@@ -188,23 +206,43 @@ def lay_out_decode_weights(sampler) -> bool:
     if not any(perms) or len(arrays) != len(perms):
         return False
     inverse = [None if p is None else tuple(int(i) for i in np.argsort(p)) for p in perms]
+    lora_leaves = [(jax.tree_util.keystr(path), i) for i, (path, variable) in enumerate(named)
+                   if isinstance(variable, nnx.LoRAParam)]
 
     @jax.jit
     def arrange(arrays):
         return [None if p is None else jax.numpy.transpose(a, p) for a, p in zip(arrays, perms)]
 
-    def decode(arrays, arranged, sampling_state):
+    def decode(arrays, arranged, sampling_state, prompt_len, keep):
+        import jax.numpy as jnp
+
         def params(arranged):
-            return treedef.unflatten([a if m is None else jax.numpy.transpose(m, inv)
+            return treedef.unflatten([a if m is None else jnp.transpose(m, inv)
                                       for a, m, inv in zip(arrays, arranged, inverse)])
 
         def step(carry):
-            arranged, state = carry
+            arranged, state, kept = carry
+            recorded = [] if keep else None
             token = _DECODING_LOOP.set(True)
+            recording = _LAYER_INPUTS.set(recorded)
             try:
-                return arranged, sampler._sample_step(params(arranged), state)
+                new_state = sampler._sample_step(params(arranged), state)
             finally:
+                _LAYER_INPUTS.reset(recording)
                 _DECODING_LOOP.reset(token)
+            if keep:  # this step's position, in every layer: [layers + 1, batch, 1, embed]
+                at = (0, 0, state.decoding_step - prompt_len, 0)
+                kept = jax.lax.dynamic_update_slice(
+                    kept, jnp.stack(recorded).astype(kept.dtype), at)
+            return arranged, new_state, kept
+
+        kept = None
+        if keep:
+            model = sampler.transformer
+            batch, total = sampling_state.token_buffer.shape
+            kept = jnp.zeros((len(model.layers) + 1, batch, total - prompt_len,
+                              model.config.embed_dim),
+                             model.embedder.input_embedding.value.dtype)
 
         # Tunix's loop runs while decoding_step < total_sampling_steps, and a step
         # writes its token at decoding_step + 1: the last step's token falls outside the
@@ -219,9 +257,10 @@ def lay_out_decode_weights(sampler) -> bool:
             return (state.decoding_step < last) & jax.numpy.any(
                 jax.numpy.logical_not(state.done))
 
-        return jax.lax.while_loop(running, step, (arranged, sampling_state))[1]
+        _, state, kept = jax.lax.while_loop(running, step, (arranged, sampling_state, kept))
+        return state, kept
 
-    compiled = jax.jit(decode, donate_argnums=(2,))
+    compiled = jax.jit(decode, donate_argnums=(2,), static_argnums=(3, 4))
 
     def decode_fn(flat_state, sampling_state):
         from jaxpost.memory import release_free_memory
@@ -230,7 +269,14 @@ def lay_out_decode_weights(sampler) -> bool:
         # them back when it starts, as the update does for what precedes it).
         release_free_memory()
         arrays = jax.tree.leaves(flat_state)
-        return compiled(arrays, arrange(arrays), sampling_state)
+        kept = getattr(sampler, "_jaxpost_layer_inputs", None)
+        keep = bool(kept and "prompt" in kept and sampling_state.sampling_mode != "beam_search")
+        prompt_len = int(sampling_state.num_input_tokens) if keep else 0
+        state, completion = compiled(arrays, arrange(arrays), sampling_state, prompt_len, keep)
+        if keep:
+            kept.update(completion=completion, tokens=state.token_buffer, prompt_len=prompt_len,
+                        lora={path: arrays[i] for path, i in lora_leaves})
+        return state
 
     sampler._compiled_decode_fn = decode_fn
     return True
@@ -271,17 +317,22 @@ def share_prompt_prefill(sampler) -> bool:
         return False
     compiled = {}
 
-    def for_group(group):
-        if group not in compiled:
+    def for_group(group, keep):
+        if (group, keep) not in compiled:
             def prefill(params, sampling_state, images=None, echo=True):
+                recorded = [] if keep else None
                 token = _PREFILL_GROUP.set(group)
+                recording = _LAYER_INPUTS.set(recorded)
                 try:
-                    return sampler._prefill_fn(params, sampling_state, images, echo)
+                    state = sampler._prefill_fn(params, sampling_state, images, echo)
                 finally:
+                    _LAYER_INPUTS.reset(recording)
                     _PREFILL_GROUP.reset(token)
+                return state, (jax.numpy.stack(recorded) if keep else None)
 
-            compiled[group] = jax.jit(prefill, donate_argnums=(1,), static_argnames=("echo",))
-        return compiled[group]
+            compiled[group, keep] = jax.jit(prefill, donate_argnums=(1,),
+                                            static_argnames=("echo",))
+        return compiled[group, keep]
 
     def prefill_fn(params, sampling_state, images=None, echo=True):
         from jaxpost.memory import release_free_memory
@@ -295,14 +346,101 @@ def share_prompt_prefill(sampler) -> bool:
         group = 1
         if images is None and sampling_state.sampling_mode != "beam_search":
             group = prompt_group_size(np.asarray(sampling_state.token_buffer))
-        return for_group(group)(params, sampling_state, images, echo=echo)
+        kept = getattr(sampler, "_jaxpost_layer_inputs", None)
+        keep = (kept is not None and images is None
+                and sampling_state.sampling_mode != "beam_search")
+        if kept is not None:
+            kept.clear()  # a new rollout: what the last one kept no longer applies
+        state, prompt = for_group(group, keep)(params, sampling_state, images, echo=echo)
+        if keep:
+            kept.update(prompt=prompt, prompt_group=group)
+        return state
 
     sampler._compiled_prefill_fn = prefill_fn
     return True
 
 
-def recomputed_layer(layer: nnx.Module, x, positions, attention_mask):
+def _leaves_by_path(state, lora: bool) -> dict:
+    """``{path: array}`` of a model state's LoRA leaves, or of its other leaves."""
+    named = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return {jax.tree_util.keystr(path): getattr(v, "value", v) for path, v in named
+            if isinstance(v, nnx.LoRAParam) == lora}
+
+
+def _same_arrays(a: dict, b: dict) -> bool:
+    import numpy as np
+
+    return a.keys() == b.keys() and all(
+        a[k] is b[k] or (a[k].shape == b[k].shape and np.array_equal(a[k], b[k])) for k in a)
+
+
+def keep_layer_inputs(sampler, policy: nnx.Module) -> bool:
+    """Makes a sampler keep every layer's input from each rollout, for the update after it.
+
+    A GRPO update runs the policy forward over the rollout's prompts and completions,
+    with the weights the rollout sampled with (one update per rollout), so the rollout
+    has already computed every layer's input at every position: its prefill for the
+    prompts and its decoding loop for the completions. Kept (31 MB for 2 prompts x 4
+    completions x 64 tokens of Gemma 3 270M), they let the update skip its forward pass
+    through the layers (:func:`rollout_layer_inputs`): the backward pass recomputes each
+    layer from its kept input (:func:`recomputed_layer`), as it would with ``remat``.
+
+    Applies to a sampler with jaxpost's prefill and decoding loop
+    (:func:`speed_up_sampler`) whose frozen weights are those of ``policy``, the model
+    the updates train; returns whether it was enabled.
+    """
+    names = (getattr(getattr(sampler, "_compiled_decode_fn", None), "__name__", None),
+             getattr(getattr(sampler, "_compiled_prefill_fn", None), "__name__", None))
+    if names != ("decode_fn", "prefill_fn") or not _same_arrays(
+            _leaves_by_path(sampler._transformer_state, lora=False),
+            _leaves_by_path(nnx.state(policy), lora=False)):
+        return False
+    sampler._jaxpost_layer_inputs = {}
+    return True
+
+
+def rollout_layer_inputs(sampler, prompt_ids, completion_ids, completion_mask, lora):
+    """The layer inputs ``sampler``'s last rollout kept (:func:`keep_layer_inputs`), when
+    they are those of this batch under these weights; None otherwise.
+
+    They apply when the batch's prompts are the rollout's, its completions are the
+    rollout's tokens wherever ``completion_mask`` is set (Tunix pads what follows the
+    end of sequence), and ``lora`` (the policy's ``nnx.LoRAParam`` state) holds the
+    values the rollout sampled with. Otherwise (a later update on the same rollout, a
+    micro-batch of it) the update runs its forward pass as usual.
+
+    Returns:
+      ``[layers + 1, batch, prompt_len + completion_len, embed]``: the input of each
+      layer, then the last layer's output, at every position. A completion's last
+      position, which no token follows, holds zeros (the rollout never ran it).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    kept = getattr(sampler, "_jaxpost_layer_inputs", None)
+    if not kept or "completion" not in kept:
+        return None
+    tokens = np.asarray(kept["tokens"])
+    prompt_ids, completion_ids = np.asarray(prompt_ids), np.asarray(completion_ids)
+    prompt_len = kept["prompt_len"]
+    if (prompt_ids.shape != (tokens.shape[0], prompt_len)
+            or completion_ids.shape != (tokens.shape[0], tokens.shape[1] - prompt_len)
+            or not np.array_equal(prompt_ids, tokens[:, :prompt_len])):
+        return None
+    used = np.asarray(completion_mask).astype(bool)
+    if not np.array_equal(completion_ids[used], tokens[:, prompt_len:][used]):
+        return None
+    if not _same_arrays(_leaves_by_path(lora, lora=True), kept["lora"]):
+        return None
+    prompt = jnp.repeat(kept["prompt"], kept["prompt_group"], axis=1)  # one per row
+    return jnp.concatenate([prompt, kept["completion"].astype(prompt.dtype)], axis=2)
+
+
+def recomputed_layer(layer: nnx.Module, x, positions, attention_mask, output=None):
     """``layer(x)`` whose activations are recomputed in the backward pass, not stored.
+
+    With ``output`` (the layer's output for ``x``, as a rollout computed it), the forward
+    pass returns it instead of computing the layer: the backward pass is the same.
 
     ``jax.checkpoint`` marks recomputation with optimization barriers, which XLA's CPU
     compiler removes before common-subexpression elimination merges the recomputation
@@ -335,11 +473,13 @@ def recomputed_layer(layer: nnx.Module, x, positions, attention_mask):
         return jax.tree_util.tree_unflatten(out_tree, jax.extend.core.jaxpr_as_fun(jaxpr)(*flat))
 
     @jax.custom_vjp
-    def layer_fn(lora, frozen, x, positions, attention_mask):
-        return pure(lora, frozen, x, positions, attention_mask)
+    def layer_fn(lora, frozen, x, positions, attention_mask, output):
+        return pure(lora, frozen, x, positions, attention_mask) if output is None else output
 
     def layer_fwd(*args):
-        return pure(*args), args  # only the layer's inputs are kept for the backward pass
+        *inputs, output = args
+        # Only the layer's inputs are kept for the backward pass.
+        return (pure(*inputs) if output is None else output), tuple(inputs)
 
     def layer_bwd(saved, g):
         lora, frozen, x, positions, attention_mask = saved
@@ -358,11 +498,15 @@ def recomputed_layer(layer: nnx.Module, x, positions, attention_mask):
         _, pull_back = jax.vjp(lambda l, h: pure(l, frozen, h, positions, attention_mask),
                                lora, x)
         g_lora, g_x = pull_back(g)
-        return g_lora, None, g_x, None, None
+        return g_lora, None, g_x, None, None, None
 
     layer_fn.defvjp(layer_fwd, layer_bwd)
-    return layer_fn(lora, frozen, x, positions, attention_mask)
+    return layer_fn(lora, frozen, x, positions, attention_mask, output)
 
+
+# A list while tracing a rollout's model call whose layer inputs are kept: the model
+# appends each layer's input and the last layer's output (see keep_layer_inputs).
+_LAYER_INPUTS = contextvars.ContextVar("jaxpost_layer_inputs", default=None)
 
 # Set while tracing a step of lay_out_decode_weights' decoding loop: the MLP kernels
 # arrive [out, in] there, and the attention's cache update is kept whole.
@@ -550,7 +694,8 @@ _chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
 
 
 def completion_logps(model: Gemma3TrimmedLogits, prompt_ids, completion_ids, pad_id: int,
-                     temperature: float = 1.0, chunk_rows: int = 64, prompt_group: int = 1):
+                     temperature: float = 1.0, chunk_rows: int = 64, prompt_group: int = 1,
+                     layer_inputs=None):
     """Per-token log-probabilities of the completion, never holding all logits at once.
 
     The unembedding and log-softmax run over ``chunk_rows`` completion positions at a
@@ -568,6 +713,10 @@ def completion_logps(model: Gemma3TrimmedLogits, prompt_ids, completion_ids, pad
         value; :func:`prompt_group_size` finds it from the prompt ids). Each prompt's
         positions are then computed once (see :func:`_packed_hidden`): the same numbers,
         up to float rounding, for fewer positions.
+      layer_inputs: every layer's input for these rows as the rollout computed it
+        (:func:`rollout_layer_inputs`), or None. Given, the layers are not run forward,
+        only recomputed in the backward pass: the same values and gradients, up to float
+        rounding, for one pass through the layers fewer.
 
     Returns:
       ``(logps, entropy)``, both ``[batch, completion_len]`` float32; entropy is the
@@ -589,10 +738,12 @@ def completion_logps(model: Gemma3TrimmedLogits, prompt_ids, completion_ids, pad
     batch, comp = completion_ids.shape
     group = _packing_group(model, prompt_ids.shape[1], comp, prompt_group)
     if group > 1:
-        hidden = _packed_hidden(model, ids, mask, positions, comp, group)
+        hidden = _packed_hidden(model, ids, mask, positions, comp, group, layer_inputs)
     else:
         attn = sft_utils.make_causal_attn_mask(mask)
-        hidden, _ = model(ids, positions, None, attn, hidden_keep=comp + 1)
+        outputs = None if layer_inputs is None else layer_inputs[1:]
+        hidden, _ = model(ids, positions, None, attn, hidden_keep=comp + 1,
+                          layer_outputs=outputs)
         hidden = hidden[:, :-1]  # [batch, comp, embed]: the states that predict each token
     rows = batch * comp
     n_chunks = -(-rows // chunk_rows)
@@ -646,7 +797,8 @@ def _packing_group(model, prompt_len: int, completion_len: int, group: int) -> i
     return 1
 
 
-def _packed_hidden(model, ids, mask, positions, completion_len: int, group: int):
+def _packed_hidden(model, ids, mask, positions, completion_len: int, group: int,
+                   layer_inputs=None):
     """Final hidden states that predict each completion token, computing each prompt once.
 
     Rows ``[prompt | completion]`` that repeat each prompt ``group`` times in a row are
@@ -677,7 +829,9 @@ def _packed_hidden(model, ids, mask, positions, completion_len: int, group: int)
     visible = (index[None, :] <= index[:, None]) & (
         (segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
     attn = pack(mask)[:, None, :] & visible[None]
-    hidden, _ = model(pack(ids), pack(positions), None, attn, hidden_keep=index.shape[0])
+    outputs = None if layer_inputs is None else jax.vmap(pack)(layer_inputs[1:])
+    hidden, _ = model(pack(ids), pack(positions), None, attn, hidden_keep=index.shape[0],
+                      layer_outputs=outputs)
     last_prompt = jnp.repeat(hidden[:, prompt - 1:prompt], group, axis=0)
     completions = hidden[:, prompt:].reshape(batch, completion_len, -1)
     return jnp.concatenate([last_prompt, completions[:, :-1]], axis=1)

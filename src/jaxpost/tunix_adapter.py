@@ -7,6 +7,7 @@ keeping the imports here means an upgrade changes one file. Pinned: google-tunix
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -29,6 +30,10 @@ Role = rl_cluster_lib.Role
 
 # Name under which jaxpost's memory-lean GRPO loss is registered with Tunix.
 CHUNKED_GRPO_LOSS = "jaxpost_grpo_chunked"
+
+# While an update is traced: the layer inputs its rollout kept, or None (see
+# fast_logits.rollout_layer_inputs).
+_ROLLOUT_LAYER_INPUTS = contextvars.ContextVar("jaxpost_rollout_layer_inputs", default=None)
 
 
 def grpo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwargs):
@@ -60,7 +65,8 @@ def grpo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwarg
     logps, entropy = completion_logps(model, train_example.prompt_ids,
                                       train_example.completion_ids, pad_id,
                                       temperature=algo_config.temperature,
-                                      prompt_group=getattr(model, "prompt_group", 1))
+                                      prompt_group=getattr(model, "prompt_group", 1),
+                                      layer_inputs=_ROLLOUT_LAYER_INPUTS.get())
     if train_example.old_per_token_logps is None:
         old = jax.lax.stop_gradient(logps)
     else:
@@ -158,7 +164,10 @@ def build_cluster(
     chunk_reference_logps(cluster.inference_worker)
     chunk_old_logps(cluster)
     share_frozen_weights_with_anchor(cluster)
-    fast_logits.speed_up_sampler(getattr(cluster.rollout, "_sampler", None))
+    sampler = getattr(cluster.rollout, "_sampler", None)
+    fast_logits.speed_up_sampler(sampler)
+    if fast_logits.keep_layer_inputs(sampler, cluster.actor_trainer.model):
+        cluster.actor_trainer._jaxpost_rollout_sampler = sampler
     from jaxpost.memory import release_free_memory
 
     release_free_memory()  # what loading and building freed, before the first rollout
@@ -327,7 +336,10 @@ class _LoraTrainStep:
 
     Each batch's prompt ids are checked for GRPO's grouping (each prompt repeated G times
     in a row, :func:`jaxpost.fast_logits.prompt_group_size`); the step is compiled per
-    grouping, and the loss runs the layers over each distinct prompt once.
+    grouping, and the loss runs the layers over each distinct prompt once. When the
+    rollout kept its layer inputs for this batch and these weights
+    (:func:`jaxpost.fast_logits.rollout_layer_inputs`), the loss takes them instead of
+    running the layers forward.
     """
 
     def __init__(self, trainer):
@@ -349,12 +361,17 @@ class _LoraTrainStep:
         return self._steps[prompt_group]
 
     def _pure_step(self, model_def, optimizer_def, prompt_group, lora, frozen, opt_state,
-                   inputs):
+                   inputs, layer_inputs):
         model = nnx.merge(model_def, lora, frozen)
         # Read by grpo_loss_chunked: rows repeat each prompt this many times.
         model.prompt_group = prompt_group
         optimizer = nnx.merge(optimizer_def, opt_state)
-        loss, aux, grad_norm = self._trainer.create_train_step_fn()(model, optimizer, inputs)
+        token = _ROLLOUT_LAYER_INPUTS.set(layer_inputs)
+        try:
+            loss, aux, grad_norm = self._trainer.create_train_step_fn()(model, optimizer,
+                                                                        inputs)
+        finally:
+            _ROLLOUT_LAYER_INPUTS.reset(token)
         return nnx.state(model, nnx.LoRAParam), nnx.state(optimizer), (loss, aux, grad_norm)
 
     def __call__(self, inputs):
@@ -366,7 +383,13 @@ class _LoraTrainStep:
         model, optimizer = self._trainer.model, self._trainer.optimizer
         _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
         _, opt_state = nnx.split(optimizer)
-        args = (lora, frozen, opt_state, inputs)
+        layer_inputs = None
+        sampler = getattr(self._trainer, "_jaxpost_rollout_sampler", None)
+        if sampler is not None and hasattr(inputs, "completion_mask"):
+            layer_inputs = fast_logits.rollout_layer_inputs(
+                sampler, inputs.prompt_ids, inputs.completion_ids, inputs.completion_mask, lora)
+        self.used_rollout_layer_inputs = layer_inputs is not None
+        args = (lora, frozen, opt_state, inputs, layer_inputs)
         group = prompt_group_size(inputs.prompt_ids) if hasattr(inputs, "prompt_ids") else 1
         self.jitted_fn, compiled = self._step(group)
         lora, opt_state, out = compiled_ahead(self.jitted_fn, compiled, *args)(*args)
