@@ -119,7 +119,9 @@ class ColabTrainingConfig:
       weight_decay, b1, b2: AdamW settings. max_grad_norm: clip norm (None = no clip).
       remat: recompute each layer's activations in the backward pass instead of keeping
         them (about 2 GB less for the default run's [8, 128] batch, about 15% more update
-        time); turn off where memory is plentiful.
+        time); turn off where memory is plentiful. An update that takes the layer
+        inputs its rollout computed (the first update after each rollout, on a CPU)
+        recomputes them either way.
       batch_size: prompts per step (each expands to G completions).
       num_batches: batches drawn from the dataset. max_steps: hard cap (None = derived).
       mini_batch_size / micro_batch_size: optional splits of a batch for updates and
