@@ -94,11 +94,10 @@ class Gemma3TrimmedLogits(gemma3.Gemma3):
             if recorded is not None:
                 recorded.append(x)
             with jax.named_scope(name):
-                if layer_outputs is not None and cache is None:
+                if cache is None and (remat or layer_outputs is not None):
+                    output = None if layer_outputs is None else layer_outputs[i]
                     layer_cache, x = None, recomputed_layer(layer, x, positions, attention_mask,
-                                                            output=layer_outputs[i])
-                elif remat and cache is None:
-                    layer_cache, x = None, recomputed_layer(layer, x, positions, attention_mask)
+                                                            output=output)
                 else:
                     layer_cache, x = layer(x, positions, cache[name] if cache else None,
                                            attention_mask)
@@ -433,7 +432,7 @@ def rollout_layer_inputs(sampler, prompt_ids, completion_ids, completion_mask, l
     if not _same_arrays(_leaves_by_path(lora, lora=True), kept["lora"]):
         return None
     prompt = jnp.repeat(kept["prompt"], kept["prompt_group"], axis=1)  # one per row
-    return jnp.concatenate([prompt, kept["completion"].astype(prompt.dtype)], axis=2)
+    return jnp.concatenate([prompt, kept["completion"]], axis=2)
 
 
 def recomputed_layer(layer: nnx.Module, x, positions, attention_mask, output=None):
