@@ -191,13 +191,13 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
 @pytest.mark.parametrize("heads,kv_heads", [(2, 1), (4, 2), (4, 4)])
 @pytest.mark.parametrize("kind", ["LOCAL_SLIDING", "GLOBAL"])
 def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):
-    """In the decoding loop, one step of DecodingAttention (cache update kept whole)
-    gives Tunix's output and new cache, for one key head, grouped heads and one key
+    """In the decoding loop, one step of DecodingAttention (reading the cache before it
+    writes it, values transposed) gives Tunix's output and new cache, for one key head, grouped heads and one key
     head per query head, with a sliding window that cuts into the cache, and a cache
     that wraps around."""
     from flax import nnx
 
-    from jaxpost.fast_logits import DecodingAttention
+    from jaxpost.fast_logits import DecodingAttention, _values_transposed
 
     batch, cache_size, head_dim, embed, end = 3, 16, 8, 24, 21
     attn = gemma3.Attention(
@@ -217,14 +217,23 @@ def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):
     # Row 2 attends to part of its cache only (a shorter, left-padded sequence).
     mask = jnp.ones((batch, 1, cache_size), bool).at[2, 0, :10].set(False)
 
-    (ours_cache, ours), our_jaxpr = _run_in_decoding_loop(attn, (x, positions, cache, mask),
-                                                          True)
+    loop_cache = _values_transposed({"layer": cache}, True)["layer"]
+    (ours_cache, ours), our_jaxpr = _run_in_decoding_loop(
+        attn, (x, positions, loop_cache, mask), True)
+    ours_cache = _values_transposed({"layer": ours_cache}, False)["layer"]
     (tunix_cache, tunix), tunix_jaxpr = _run_in_decoding_loop(
         attn, (x, positions, cache, mask), False)
-    our_ops = {e.primitive.name for e in our_jaxpr.eqns}
-    tunix_ops = {e.primitive.name for e in tunix_jaxpr.eqns}
+    def cache_products(jaxpr):
+        """For each product with a cache operand: whether it reads the cache as passed in."""
+        cache_shapes = {cache["k"].shape, loop_cache["v"].shape}
+        return [all(v in jaxpr.invars for v in e.invars if v.aval.shape in cache_shapes)
+                for e in jaxpr.eqns if e.primitive.name == "dot_general"
+                and any(v.aval.shape in cache_shapes for v in e.invars)]
 
-    assert "optimization_barrier" in our_ops and "optimization_barrier" not in tunix_ops
+    # Both products read the cache as it was, so that XLA can write it in place
+    # afterwards; Tunix's read the cache it has just updated.
+    assert cache_products(our_jaxpr) == [True, True]
+    assert not any(cache_products(tunix_jaxpr))
     np.testing.assert_allclose(ours, tunix, rtol=1e-5, atol=1e-5)
     for name in ("k", "v"):
         np.testing.assert_allclose(ours_cache[name], tunix_cache[name], rtol=1e-6, atol=1e-6)

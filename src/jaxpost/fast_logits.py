@@ -256,8 +256,9 @@ def lay_out_decode_weights(sampler) -> bool:
             return (state.decoding_step < last) & jax.numpy.any(
                 jax.numpy.logical_not(state.done))
 
-        _, state, kept = jax.lax.while_loop(running, step, (arranged, sampling_state, kept))
-        return state, kept
+        state = sampling_state.replace(cache=_values_transposed(sampling_state.cache, True))
+        _, state, kept = jax.lax.while_loop(running, step, (arranged, state, kept))
+        return state.replace(cache=_values_transposed(state.cache, False)), kept
 
     compiled = jax.jit(decode, donate_argnums=(2,), static_argnums=(3, 4))
 
@@ -279,6 +280,15 @@ def lay_out_decode_weights(sampler) -> bool:
 
     sampler._compiled_decode_fn = decode_fn
     return True
+
+
+def _values_transposed(cache, into_loop: bool):
+    """A KV cache with each layer's values ``[batch, cache, kv, head]`` (Tunix's layout)
+    as ``[batch, kv, head, cache]`` (the decoding loop's, see :class:`DecodingAttention`),
+    or back."""
+    perm = (0, 2, 3, 1) if into_loop else (0, 3, 1, 2)
+    return {name: {**layer, "v": jax.numpy.transpose(layer["v"], perm)}
+            for name, layer in cache.items()}
 
 
 def speed_up_sampler(sampler) -> None:
@@ -513,18 +523,23 @@ _DECODING_LOOP = contextvars.ContextVar("jaxpost_decoding_loop", default=False)
 
 
 class DecodingAttention(gemma3.Attention):
-    """Tunix's Gemma 3 attention, whose cache update is written once in a decoding step.
+    """Tunix's Gemma 3 attention, whose decoding step writes its cache in place.
 
     In a step of one new position, Tunix writes the new key and value into the layer's
-    cache and reads the updated cache back. XLA's CPU compiler fuses that update into
-    each of its two readers (the attention product, which views the cache without its
-    one-head axis, and the loop's carry), and each fused copy needs a buffer of its
-    own: every new token copied each of the 36 caches of the 270M model two or three
-    times (about 100 MB, 10-14 ms a token for 8 sequences). Here the updated caches pass
-    through ``optimization_barrier``, so they are computed once, in place, and both
-    readers use that array. The arithmetic is Tunix's, step for step; outside
-    :func:`lay_out_decode_weights`' decoding loop (training, prefill, other loops) the
-    module is Tunix's own.
+    cache and reads the updated cache back. XLA's CPU compiler then fuses that update
+    into each of its readers (the attention products and the loop's carry), each fused
+    copy with a buffer of its own, and transposes the values for their product: every
+    new token copied each of the 36 caches of the 270M model two to four times (8-17 ms
+    a token for 8 sequences, by profile).
+
+    Here, inside :func:`lay_out_decode_weights`' decoding loop, the attention reads the
+    cache as it was, with the new entry's score and value put in at its slot: the same
+    softmax over the same scores, the value product split into the old entries and the
+    new one. The new key and value are written afterwards, in place (the write takes a
+    zero computed from the attention's output, so that XLA orders it after the reads).
+    The loop holds each layer's values as ``[batch, kv heads, head, cache]``, the
+    layout their product reads (:func:`_values_transposed`). Outside the loop
+    (training, prefill, other loops) the module is Tunix's own.
     """
 
     def block(self, x, segment_pos, cache, attn_mask):
@@ -548,18 +563,20 @@ class DecodingAttention(gemma3.Attention):
         query = rope(self._query_norm(query)) * self.query_pre_attn_scalar
         key = rope(self._key_norm(key))
 
-        end_index = cache["end_index"][0]
-        at = (0, end_index % cache["v"].shape[1], 0, 0)
-        key, value = jax.lax.optimization_barrier(
-            (jax.lax.dynamic_update_slice(cache["k"], key, at),
-             jax.lax.dynamic_update_slice(cache["v"], value, at)))
+        # Attend over the cache as it was, with the new entry's score and value put in
+        # at its slot; the cache is written only once the attention has read it.
+        cache_k, cache_v = cache["k"], cache["v"]  # the values [batch, kv, head, cache]
+        slot = cache["end_index"][0] % cache_v.shape[-1]
+        at_slot = jnp.arange(cache_v.shape[-1]) == slot  # [cache]
 
         # Query heads in groups sharing a key head: Tunix's two einsums in one form (a
         # single key head for all query heads, as in Gemma 3 270M, is one group).
         batch, steps, heads, head_dim = query.shape
         groups = heads // key.shape[2]
         grouped = query.reshape(batch, steps, key.shape[2], groups, head_dim)
-        logits = jnp.einsum("BTKGH,BSKH->BTKGS", grouped, key)
+        logits = jnp.einsum("BTKGH,BSKH->BTKGS", grouped, cache_k)
+        new_logit = jnp.einsum("BTKGH,BTKH->BTKG", grouped, key)
+        logits = jnp.where(at_slot, new_logit[..., None], logits)
         logits = logits.reshape(batch, steps, heads, -1)
         if self.attn_type == gemma3.AttentionType.LOCAL_SLIDING:
             attn_mask = gemma3.create_sliding_window_mask(
@@ -567,9 +584,20 @@ class DecodingAttention(gemma3.Attention):
         logits = jnp.where(jnp.expand_dims(attn_mask, -2), logits, gemma3.K_MASK)
         probs = jax.nn.softmax(logits, axis=-1).astype(key.dtype)
         probs = probs.reshape(batch, steps, key.shape[2], groups, -1)
-        encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, value)
+        new_prob = jnp.sum(jnp.where(at_slot, probs, 0), axis=-1)  # [B, T, K, G]
+        encoded = jnp.einsum("BTKGS,BKHS->BTKGH", jnp.where(at_slot, 0, probs), cache_v)
+        encoded = encoded + new_prob[..., None] * value[:, :, :, None, :]
         output = self.attn_vec_einsum(encoded.reshape(batch, steps, heads, head_dim))
         output = sharding_utils.shard(output, self.shd_config.act_btd)
+
+        # Writing the cache in place needs its reads to come first; XLA orders the two
+        # by data dependence only, so the write takes a zero that exists once the
+        # attention's output does (a float times 0 is kept by XLA).
+        zero = output.reshape(-1)[0] * 0
+        zero = zero.astype(key.dtype)
+        key = jax.lax.dynamic_update_slice(cache_k, key + zero, (0, slot, 0, 0))
+        value = jax.lax.dynamic_update_slice(
+            cache_v, jnp.transpose(value, (0, 2, 3, 1)) + zero, (0, 0, 0, slot))
         return {"v": value, "k": key, "end_index": cache["end_index"] + steps}, output
 
 
