@@ -95,6 +95,43 @@ def test_decoding_with_laid_out_weights_equals_tunix():
     assert steps == {"tunix": 20, "ours": 19}
 
 
+def test_top_k_sampling_through_decoding_loop_equals_tunix():
+    """Top-k sampling (jaxpost's blocked top-k in the loop) draws Tunix's tokens."""
+    tunix, ours = _tunix_and_jaxpost_samplers()
+    prompts = ["The capital of France is", "2 + 3 ="]
+
+    def run(sampler, seed):
+        return sampler(prompts, max_generation_steps=8, max_prompt_length=12, eos_tokens=[-1],
+                       temperature=0.9, top_k=50, top_p=0.95, seed=seed)
+
+    for seed in (0, 1):
+        a, b = run(ours, seed), run(tunix, seed)
+        assert [list(t) for t in a.tokens] == [list(t) for t in b.tokens]
+    assert [list(t) for t in run(ours, 0).tokens] != [list(t) for t in run(ours, 1).tokens]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "short"])
+def test_blocked_top_k_equals_lax_top_k(kind):
+    """The same values and indices as jax.lax.top_k, in order, with ties going to the
+    lower index (integer logits, thousands of equal values) and for an axis too short
+    to cut into blocks."""
+    from jaxpost.fast_logits import blocked_top_k
+
+    key = jax.random.key(7)
+    if kind == "normal":
+        x = 3 * jax.random.normal(key, (3, 262144))
+    elif kind == "ties":
+        x = jax.random.randint(key, (2, 1, 262144), 0, 60).astype(jnp.float32)
+    else:
+        x = jax.random.normal(key, (2, 5000))
+    values, indices = blocked_top_k(x, 50)
+    expected_values, expected_indices = jax.lax.top_k(x, 50)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(indices, expected_indices)
+    if kind == "ties":
+        assert len(np.unique(np.asarray(values))) == 1  # 50 equal values, lowest indices
+
+
 def _record_last_steps(**samplers) -> dict:
     """Makes each sampler's decoding loop record the step it ended at, by name."""
     steps = {}
