@@ -651,8 +651,10 @@ class DecodingAttention(gemma3.Attention):
 
         # Writing the cache in place needs its reads to come first; XLA orders the two
         # by data dependence only, so the write takes a zero that exists once the
-        # attention's output does (a float times 0 is kept by XLA).
-        zero = output.reshape(-1)[0] * 0
+        # attention's output does (a float times 0 is kept by XLA; an overflowed
+        # output would make it NaN, hence the isfinite).
+        first = output.reshape(-1)[0]
+        zero = jnp.where(jnp.isfinite(first), first, 0) * 0
         zero = zero.astype(key.dtype)
         key = jax.lax.dynamic_update_slice(cache_k, key + zero, (0, slot, 0, 0))
         value = jax.lax.dynamic_update_slice(
