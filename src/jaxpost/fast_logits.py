@@ -27,10 +27,11 @@ a sampler's decoding loop the attention and MLP weights already in the layouts a
 decoding step reads fastest, so that they are rearranged once per rollout instead of at
 every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
 in its products, :class:`DecodingAttention` writes each cache in place, and top-k
-sampling takes its top k in blocks (:func:`blocked_top_k`). :func:`share_prompt_prefill` makes a sampler's prefill run each repeated prompt once;
-:func:`speed_up_sampler` installs both. :func:`keep_layer_inputs` makes such a sampler
-keep every layer's input from each rollout, so that the update after it need not run the
-layers forward again (:func:`rollout_layer_inputs`).
+sampling takes its top k in blocks (:func:`blocked_top_k`). :func:`share_prompt_prefill`
+makes a sampler's prefill run each repeated prompt once; :func:`speed_up_sampler`
+installs both. :func:`keep_layer_inputs` makes such a sampler keep every layer's input
+from each rollout, so that the update after it need not run the layers forward again
+(:func:`rollout_layer_inputs`).
 
 The parameters, their paths and every other computation are Tunix's own, so LoRA
 targets, checkpoints and exports are unchanged.
