@@ -258,8 +258,9 @@ def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):
     (ours_cache, ours), our_jaxpr = _run_in_decoding_loop(
         attn, (x, positions, loop_cache, mask), True)
     ours_cache = _values_transposed({"layer": ours_cache}, False)["layer"]
-    (tunix_cache, tunix), tunix_jaxpr = _run_in_decoding_loop(
+    (tunix_cache, tunix), _ = _run_in_decoding_loop(
         attn, (x, positions, cache, mask), False)
+
     def cache_products(jaxpr):
         """For each product with a cache operand: whether it reads the cache as passed in."""
         cache_shapes = {cache["k"].shape, loop_cache["v"].shape}
@@ -267,10 +268,9 @@ def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):
                 for e in jaxpr.eqns if e.primitive.name == "dot_general"
                 and any(v.aval.shape in cache_shapes for v in e.invars)]
 
-    # Both products read the cache as it was, so that XLA can write it in place
-    # afterwards; Tunix's read the cache it has just updated.
+    # Both products read the cache as it was (not an updated copy of it), so that XLA
+    # can write it in place afterwards.
     assert cache_products(our_jaxpr) == [True, True]
-    assert not any(cache_products(tunix_jaxpr))
     np.testing.assert_allclose(ours, tunix, rtol=1e-5, atol=1e-5)
     for name in ("k", "v"):
         np.testing.assert_allclose(ours_cache[name], tunix_cache[name], rtol=1e-6, atol=1e-6)
