@@ -104,10 +104,11 @@ def test_top_k_sampling_through_decoding_loop_equals_tunix():
         return sampler(prompts, max_generation_steps=8, max_prompt_length=12, eos_tokens=[-1],
                        temperature=0.9, top_k=50, top_p=0.95, seed=seed)
 
+    drawn = {}
     for seed in (0, 1):
-        a, b = run(ours, seed), run(tunix, seed)
-        assert [list(t) for t in a.tokens] == [list(t) for t in b.tokens]
-    assert [list(t) for t in run(ours, 0).tokens] != [list(t) for t in run(ours, 1).tokens]
+        drawn[seed] = [list(t) for t in run(ours, seed).tokens]
+        assert drawn[seed] == [list(t) for t in run(tunix, seed).tokens]
+    assert drawn[0] != drawn[1]
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "short"])
