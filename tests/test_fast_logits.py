@@ -10,7 +10,7 @@ from tunix.generate import sampler as sampler_lib
 from tunix.generate import utils as sampler_utils
 from tunix.models.gemma3 import model as gemma3
 
-from jaxpost.fast_logits import Gemma3TrimmedLogits, unembed_last_position
+from jaxpost.fast_logits import Gemma3TrimmedLogits, expected_embedding, unembed_last_position
 from jaxpost.models import load_model
 
 
@@ -24,6 +24,18 @@ def test_unembed_last_position_equals_plain_product(vocab):
 
     assert logits.shape == (3, 1, vocab)
     np.testing.assert_allclose(logits, hidden @ embedding.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1000, 999])
+def test_expected_embedding_equals_plain_product(vocab):
+    k = jax.random.split(jax.random.key(0), 2)
+    embedding = jax.random.normal(k[0], (vocab, 16))
+    probs = jax.nn.softmax(jax.random.normal(k[1], (vocab, 5)), axis=0)  # [vocab, chunk]
+
+    expected = expected_embedding(probs, embedding)
+
+    assert expected.shape == (5, 16)
+    np.testing.assert_allclose(expected, probs.T @ embedding, rtol=1e-5, atol=1e-6)
 
 
 def test_decode_step_logits_equal_tunix():
