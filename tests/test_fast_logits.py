@@ -357,3 +357,23 @@ def test_second_rollout_compiles_nothing():
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(out.tokens) == 4
     assert compiles == []
+
+
+def test_sampler_merges_its_model_once_per_set_of_weights():
+    from flax import nnx
+
+    from jaxpost.sampling import make_sampler
+
+    loaded = load_model("random:gemma3-tiny", seed=0)
+    sampler = make_sampler(loaded.model, loaded, cache_size=24)
+    first = sampler.transformer
+    assert sampler.transformer is first  # no second merge while the weights are the same
+
+    doubled = jax.tree.map(lambda x: x * 2, sampler.transformer_state)
+    sampler.transformer_state = doubled  # Tunix's setter, as a weight sync uses it
+    merged = sampler.transformer
+    assert merged is not first
+    np.testing.assert_array_equal(
+        nnx.state(merged)["embedder"]["input_embedding"].value,
+        2 * nnx.state(first)["embedder"]["input_embedding"].value)
+    assert sampler.transformer is merged
