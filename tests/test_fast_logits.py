@@ -238,6 +238,60 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
     assert kernel_first not in tunix_operands
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kernel_first_attention_projections_equal_tunix_with_lora(batch):
+    """One decoding step of the whole LoRA model with a cache gives Tunix's and qwix's
+    logits and cache when the query and output projections put their weights first."""
+    from flax import nnx
+
+    from jaxpost.fast_logits import _values_transposed
+    from jaxpost.lora import apply_lora
+
+    loaded = load_model("random:gemma3-tiny", seed=0)
+    model = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), state))
+    attn = model.layers[0].attn
+    assert attn.q_einsum.lora_scale == 2.0 and attn.attn_vec_einsum.lora_scale == 2.0
+    cfg = loaded.model_config
+    cache_size, end = 12, 7
+    k = jax.random.split(jax.random.key(5), 2 * cfg.num_layers)
+    shape = (batch, cache_size, cfg.num_kv_heads, cfg.head_dim)
+    cache = {f"layer_{i}": {"k": jax.random.normal(k[2 * i], shape),
+                            "v": jax.random.normal(k[2 * i + 1], shape),
+                            "end_index": jnp.full((batch,), end, jnp.int32)}
+             for i in range(cfg.num_layers)}
+    tokens = jnp.array([[5], [17], [301]])[:batch]
+    positions = jnp.full((batch, 1), end)
+    mask = jnp.ones((batch, 1, cache_size), bool).at[:, :, end + 1:].set(False)
+
+    def products(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield tuple(v.aval.shape for v in eqn.invars[:2])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from products(sub)
+
+    (ours, our_cache), our_jaxpr = _run_in_decoding_loop(
+        model, (tokens, positions, _values_transposed(cache, True), mask), True)
+    (tunix, tunix_cache), tunix_jaxpr = _run_in_decoding_loop(
+        model, (tokens, positions, cache, mask), False)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(tunix), rtol=1e-5, atol=1e-5)
+    our_cache = _values_transposed(our_cache, False)
+    for name in cache:
+        for kv in ("k", "v"):
+            np.testing.assert_allclose(our_cache[name][kv], tunix_cache[name][kv],
+                                       rtol=1e-5, atol=1e-5)
+    # The query weight ([heads, embed, head]) and the output weight ([heads, head,
+    # embed]) as first operands, times the step's activations: products only ours has.
+    query_first = (attn.q_einsum.w.value.shape, (batch, 1, cfg.embed_dim))
+    output_first = (attn.attn_vec_einsum.w.value.shape,
+                    (batch, 1, cfg.num_heads, cfg.head_dim))
+    assert {query_first, output_first} <= set(products(our_jaxpr))
+    assert not {query_first, output_first} & set(products(tunix_jaxpr))
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(2, 1), (4, 2), (4, 4)])
 @pytest.mark.parametrize("kind", ["LOCAL_SLIDING", "GLOBAL"])
 def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):

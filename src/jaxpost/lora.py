@@ -64,9 +64,11 @@ def apply_lora(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: int = 8
         sharded = jax.lax.with_sharding_constraint(state, nnx.get_named_sharding(state, mesh))
         nnx.update(lora_model, sharded)
     for _, module in nnx.iter_modules(lora_model):
-        if getattr(module, "kernel_lora_a", None) is not None:
+        if (getattr(module, "kernel_lora_a", None) is not None
+                or getattr(module, "w_lora_a", None) is not None):
             # The adapter's scale, for products jaxpost writes itself (decoding, see
-            # jaxpost.fast_logits.DecodingFeedForward); qwix keeps it in its rule.
+            # jaxpost.fast_logits.DecodingFeedForward and DecodingAttention); qwix keeps
+            # it in its rule.
             module.lora_scale = alpha / rank
     return lora_model
 
