@@ -26,10 +26,11 @@ cores share the 671 MB read of the embedding table. :func:`lay_out_decode_weight
 a sampler's decoding loop the attention and MLP weights already in the layouts a
 decoding step reads fastest, so that they are rearranged once per rollout instead of at
 every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
-in its products, :class:`DecodingAttention` writes each cache in place, and top-k
-sampling takes its top k in blocks (:func:`blocked_top_k`). :func:`share_prompt_prefill`
-makes a sampler's prefill run each repeated prompt once; :func:`speed_up_sampler`
-installs both. :func:`keep_layer_inputs` makes such a sampler keep every layer's input
+in its products, :class:`DecodingAttention` does so for its query and output projections
+and writes each cache in place, and top-k sampling takes its top k in blocks
+(:func:`blocked_top_k`). :func:`share_prompt_prefill` makes a sampler's prefill run each
+repeated prompt once; :func:`speed_up_sampler` installs both, and makes the sampler merge
+its model once per set of weights. :func:`keep_layer_inputs` makes such a sampler keep every layer's input
 from each rollout, so that the update after it need not run the layers forward again
 (:func:`rollout_layer_inputs`).
 
@@ -646,8 +647,9 @@ class DecodingAttention(gemma3.Attention):
     new one. The new key and value are written afterwards, in place (the write takes a
     zero computed from the attention's output, so that XLA orders it after the reads).
     The loop holds each layer's values as ``[batch, kv heads, head, cache]``, the
-    layout their product reads (:func:`_values_transposed`). Outside the loop
-    (training, prefill, other loops) the module is Tunix's own.
+    layout their product reads (:func:`_values_transposed`). The query and output
+    projections put their weights first in their products (:func:`_einsum_kernel_first`).
+    Outside the loop (training, prefill, other loops) the module is Tunix's own.
     """
 
     def block(self, x, segment_pos, cache, attn_mask):
