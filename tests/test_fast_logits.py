@@ -195,6 +195,16 @@ def _run_in_decoding_loop(module, args, in_loop):
         _DECODING_LOOP.reset(token)
 
 
+def _product_operands(jaxpr):
+    """The shapes of the two operands of every matrix product in ``jaxpr``, nested ones
+    included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield tuple(v.aval.shape for v in eqn.invars[:2])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _product_operands(sub)
+
+
 def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
     """A one-position forward pass gives the same logits with the decoding loop's
     kernel-first MLP products as with Tunix's and qwix's own."""
@@ -216,17 +226,10 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
 
     cfg = loaded.model_config
 
-    def first_operands(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                yield tuple(v.aval.shape for v in eqn.invars[:2])
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                yield from first_operands(sub)
-
     def logits(weight_first):
         (out, _), jaxpr = _run_in_decoding_loop(model, (tokens, positions, None, mask),
                                                 weight_first)
-        return out, set(first_operands(jaxpr))
+        return out, set(_product_operands(jaxpr))
 
     ours, our_operands = logits(True)
     tunix, tunix_operands = logits(False)
@@ -266,13 +269,6 @@ def test_kernel_first_attention_projections_equal_tunix_with_lora(batch):
     positions = jnp.full((batch, 1), end)
     mask = jnp.ones((batch, 1, cache_size), bool).at[:, :, end + 1:].set(False)
 
-    def products(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                yield tuple(v.aval.shape for v in eqn.invars[:2])
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                yield from products(sub)
-
     (ours, our_cache), our_jaxpr = _run_in_decoding_loop(
         model, (tokens, positions, _values_transposed(cache, True), mask), True)
     (tunix, tunix_cache), tunix_jaxpr = _run_in_decoding_loop(
@@ -288,8 +284,8 @@ def test_kernel_first_attention_projections_equal_tunix_with_lora(batch):
     query_first = (attn.q_einsum.w.value.shape, (batch, 1, cfg.embed_dim))
     output_first = (attn.attn_vec_einsum.w.value.shape,
                     (batch, 1, cfg.num_heads, cfg.head_dim))
-    assert {query_first, output_first} <= set(products(our_jaxpr))
-    assert not {query_first, output_first} & set(products(tunix_jaxpr))
+    assert {query_first, output_first} <= set(_product_operands(our_jaxpr))
+    assert not {query_first, output_first} & set(_product_operands(tunix_jaxpr))
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(2, 1), (4, 2), (4, 4)])
