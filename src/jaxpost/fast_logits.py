@@ -30,9 +30,9 @@ in its products, :class:`DecodingAttention` does so for its query and output pro
 and writes each cache in place, and top-k sampling takes its top k in blocks
 (:func:`blocked_top_k`). :func:`share_prompt_prefill` makes a sampler's prefill run each
 repeated prompt once; :func:`speed_up_sampler` installs both, and makes the sampler merge
-its model once per set of weights. :func:`keep_layer_inputs` makes such a sampler keep every layer's input
-from each rollout, so that the update after it need not run the layers forward again
-(:func:`rollout_layer_inputs`).
+its model once per set of weights. :func:`keep_layer_inputs` makes such a sampler keep
+every layer's input from each rollout, so that the update after it need not run the
+layers forward again (:func:`rollout_layer_inputs`).
 
 The parameters, their paths and every other computation are Tunix's own, so LoRA
 targets, checkpoints and exports are unchanged.
@@ -843,14 +843,14 @@ def expected_embedding(probs, embedding):
     """``probs.T @ embedding``: each position's expected embedding under its probabilities.
 
     ``probs [vocab, chunk]``, ``embedding [vocab, embed]`` -> ``[chunk, embed]``, float32.
-    The product contracts over the vocabulary, and its output is small, so XLA's CPU
-    backend runs it through Eigen on the probabilities' transposed layout (about 80
-    GFLOP/s on the 2-core reference machine, against about 110 for the logits product).
-    On CPU the vocabulary is cut into two halves that form a batch dimension, with the
-    probabilities laid out ``[half, chunk, vocab / 2]`` (the exponential that produces
-    them writes that layout): two independent row-major products, one per core, whose
-    results are added. 266-312 -> 208-226 ms for 64 positions of Gemma 3's 262,144-entry
-    vocabulary, the exponential included. Other backends get the plain product.
+    The product contracts over the vocabulary into a small output, and XLA's CPU backend
+    runs it as one Eigen contraction (about 80 GFLOP/s on the 2-core reference machine,
+    against about 110 for the logits product). On CPU the vocabulary is cut into two
+    halves that form a batch dimension of the product, and the two results are added:
+    XLA folds the transposition into the product and runs a batched contraction over the
+    halves, 266-312 -> 208-226 ms for 64 positions of Gemma 3's 262,144-entry
+    vocabulary, the exponential that produces the probabilities included. Other
+    backends get the plain product.
     """
     import jax.numpy as jnp
 
