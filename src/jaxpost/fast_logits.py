@@ -740,10 +740,13 @@ class DecodingFeedForward(gemma3.FeedForward):
         return _kernel_first(self.down_proj, hidden)
 
 
-def _plain_or_scaled(linear) -> bool:
-    """Whether ``linear`` has no LoRA adapter, or one whose scale jaxpost recorded."""
-    return (getattr(linear, "kernel_lora_a", None) is None
-            or getattr(linear, "lora_scale", None) is not None)
+def _plain_or_scaled(module, param: str = "kernel") -> bool:
+    """Whether ``module``'s weight ``param`` has no LoRA adapter, or one whose scale
+    jaxpost recorded (and, for an einsum, whose delta einsum qwix recorded)."""
+    if getattr(module, f"{param}_lora_a", None) is None:
+        return True
+    return getattr(module, "lora_scale", None) is not None and (
+        param == "kernel" or getattr(module, f"{param}_lora_einsum_str", None) is not None)
 
 
 def _kernel_first(linear, x):
@@ -783,11 +786,9 @@ def _einsum_kernel_first(module, x):
     import jax.numpy as jnp
 
     form = _KERNEL_FIRST_EINSUMS.get(getattr(module, "einsum_str", None))
-    lora_a = getattr(module, "w_lora_a", None)
-    if form is None or (lora_a is not None and (
-            getattr(module, "lora_scale", None) is None
-            or getattr(module, "w_lora_einsum_str", None) is None)):
+    if form is None or not _plain_or_scaled(module, "w"):
         return module(x)
+    lora_a = getattr(module, "w_lora_a", None)
     w_dims, x_dims, order = form
     y = jnp.transpose(jax.lax.dot_general(module.w.value, x, ((w_dims, x_dims), ((), ()))),
                       order)
