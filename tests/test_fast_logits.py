@@ -107,6 +107,54 @@ def test_decoding_with_laid_out_weights_equals_tunix():
     assert steps == {"tunix": 20, "ours": 19}
 
 
+
+def test_decoding_loop_lays_out_the_shared_weights_in_place_and_restores_them(monkeypatch):
+    """The loop reads the policy's own weight buffers rewritten in its layouts, and
+    leaves them bitwise as they were; the loop given laid-out copies instead computes
+    the same tokens and logits."""
+    from flax import nnx
+
+    import jaxpost.fast_logits as fast_logits
+
+    tunix, ours = _tunix_and_jaxpost_samplers()
+    weights = jax.tree.leaves(nnx.state(tunix.transformer))
+    before = [np.array(w) for w in weights]
+    assert fast_logits._in_place_layout_possible(jax.tree.leaves(ours._flattened_transformer_state))
+
+    def run():
+        return ours(["The capital of France is", "2 + 3 ="], max_generation_steps=8,
+                    max_prompt_length=12, return_logits=True, eos_tokens=[-1])
+
+    in_place = run()
+    assert all(np.array_equal(w, b) for w, b in zip(weights, before))
+    monkeypatch.setattr(fast_logits, "_in_place_layout_possible", lambda arrays: False)
+    copies = run()
+
+    assert [list(t) for t in in_place.tokens] == [list(t) for t in copies.tokens]
+    for x, y in zip(in_place.logits, copies.logits):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_weights_in_decode_layout_holds_the_layout_and_restores_on_error():
+    from jaxpost.fast_logits import _weights_in_decode_layout
+
+    a = jnp.arange(24.0).reshape(2, 3, 4)
+    b = jnp.arange(6.0).reshape(2, 3)
+    want = np.array(a), np.array(b)
+    perms = (2, 0, 1), (1, 0)
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with _weights_in_decode_layout([a, b], perms):
+            np.testing.assert_array_equal(
+                np.array(a), want[0].transpose(2, 0, 1).reshape(2, 3, 4))
+            np.testing.assert_array_equal(np.array(b), want[1].T.reshape(2, 3))
+            # Computations read the rewritten buffers.
+            np.testing.assert_array_equal(jax.jit(lambda x: x.reshape(3, 2).T)(b), want[1])
+            raise RuntimeError("inside")
+
+    np.testing.assert_array_equal(np.array(a), want[0])
+    np.testing.assert_array_equal(np.array(b), want[1])
+
 def test_top_k_sampling_through_decoding_loop_equals_tunix():
     """Top-k sampling (jaxpost's blocked top-k in the loop) draws Tunix's tokens."""
     tunix, ours = _tunix_and_jaxpost_samplers()

@@ -24,8 +24,8 @@ Each sampling step's logits (one position per sequence) go through
 :func:`unembed_last_position`, which on CPU splits the vocabulary in two so that both
 cores share the 671 MB read of the embedding table. :func:`lay_out_decode_weights` hands
 a sampler's decoding loop the attention and MLP weights already in the layouts a
-decoding step reads fastest, so that they are rearranged once per rollout instead of at
-every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
+decoding step reads fastest (on CPU, in their own buffers for the loop's duration), so
+that they are rearranged once per rollout instead of at every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
 in its products, :class:`DecodingAttention` does so for its query and output projections
 and writes each cache in place, and top-k sampling takes its top k in blocks
 (:func:`blocked_top_k`). :func:`share_prompt_prefill` makes a sampler's prefill run each
@@ -179,14 +179,109 @@ def _decode_layout(path, variable) -> tuple[int, ...] | None:
     return None
 
 
+def _in_place_layout_possible(arrays) -> bool:
+    """Whether each array's buffer is its own row-major host memory, shared by NumPy.
+
+    That holds for a CPU array on one device in JAX's default layout: its NumPy view
+    is then the buffer itself, which :func:`_rewrite_in_place` writes.
+    """
+    import numpy as np
+
+    for a in arrays:
+        if not isinstance(a, jax.Array) or a.is_deleted() or len(a.addressable_shards) != 1:
+            return False
+        if a.addressable_shards[0].device.platform != "cpu":
+            return False
+        view = np.asarray(a)
+        if not view.flags.c_contiguous or view.ctypes.data != a.unsafe_buffer_pointer():
+            return False
+    return True
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _in_decode_layout(arrays, perms):
+    """Each array's values in its layout from ``perms``, as an array of its own shape."""
+    return [jax.numpy.transpose(a, p).reshape(a.shape) for a, p in zip(arrays, perms)]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _from_decode_layout(arrays, perms):
+    """Inverse of :func:`_in_decode_layout`."""
+    import numpy as np
+
+    return [jax.numpy.transpose(a.reshape(tuple(a.shape[i] for i in p)),
+                                tuple(int(i) for i in np.argsort(p)))
+            for a, p in zip(arrays, perms)]
+
+
+def _overwrite(array, values) -> None:
+    """Copies ``values`` (an array of ``array``'s shape and dtype) over ``array``'s buffer."""
+    import ctypes
+
+    import numpy as np
+
+    raw = (ctypes.c_ubyte * array.nbytes).from_address(array.unsafe_buffer_pointer())
+    np.copyto(np.frombuffer(raw, dtype=array.dtype), np.asarray(values).reshape(-1))
+
+
+def _rewrite_in_place(arrays, perms, transform, done: list, group_bytes: int = 32 << 20):
+    """Writes ``transform``'s results over the arrays' own buffers, appending each to ``done``.
+
+    The new values are formed a group of arrays at a time (at most ``group_bytes``,
+    about one layer of the 270M model), in buffers of their own, while the previous
+    group's are copied over its arrays: at most two groups' worth of extra memory.
+    Every holder of an array (the policy, the reference model, the sampler) then reads
+    the new values.
+    """
+    groups, size = [[]], 0
+    for a, p in zip(arrays, perms):
+        if groups[-1] and size + a.nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((a, p))
+        size += a.nbytes
+    pending = None
+    for group in groups + [None]:
+        # Dispatched first, so that XLA forms this group while the last one is copied.
+        formed = None if group is None else (
+            group, transform([a for a, _ in group], tuple(p for _, p in group)))
+        if pending is not None:
+            for (a, p), values in zip(*pending):
+                _overwrite(a, values)
+                done.append((a, p))
+        pending = formed
+
+
+@contextlib.contextmanager
+def _weights_in_decode_layout(arrays, perms) -> Iterator[None]:
+    """Holds ``arrays`` in their decoding layouts (``perms``) for the block's duration.
+
+    Each array's buffer is rewritten in place, and written back afterwards, whatever
+    the block raises. The caller makes sure nothing else reads them meanwhile.
+    """
+    done = []
+    try:
+        _rewrite_in_place(arrays, perms, _in_decode_layout, done)
+        yield
+    finally:
+        if done:
+            _rewrite_in_place([a for a, _ in done], [p for _, p in done], _from_decode_layout, [])
+
+
 def lay_out_decode_weights(sampler) -> bool:
     """Gives a Tunix ``Sampler``'s decoding loop its weights pre-arranged (CPU).
 
-    Before each decoding loop, a separate compiled call writes the attention and MLP
-    weights in the layouts a decoding step reads fastest (:data:`DECODE_WEIGHT_LAYOUTS`;
-    400 MB for the 270M model, freed when the rollout ends). The loop receives them as
-    arguments, so XLA cannot fold the arrangement back into the loop; each step
-    transposes them back to the model's own shapes, which XLA folds into the products;
+    For the length of each decoding loop, the attention and MLP weights are held in the
+    layouts a decoding step reads fastest (:data:`DECODE_WEIGHT_LAYOUTS`; 400 MB for the
+    270M model). On one CPU device their own buffers are rewritten in those layouts a
+    layer at a time, and written back when the loop ends (or raises), so the rollout
+    needs no second copy of them; elsewhere a separate compiled call writes laid-out
+    copies, freed when the rollout ends. Nothing else runs while the loop does: the
+    prefill before it has ended, and the policy, the reference model and the sampler,
+    which share these buffers, read them again only after the write-back. The loop
+    receives the laid-out weights as arguments, so XLA cannot fold the arrangement back
+    into it; each step transposes them back to the model's own shapes, which XLA folds
+    into the products;
     the MLP computes its products kernel first (:class:`DecodingFeedForward`) and the
     attention writes its cache in place (:class:`DecodingAttention`). The model
     computes the same numbers; Tunix's sampling step runs inside the loop, with its
@@ -212,6 +307,7 @@ def lay_out_decode_weights(sampler) -> bool:
     inverse = [None if p is None else tuple(int(i) for i in np.argsort(p)) for p in perms]
     lora_leaves = [(jax.tree_util.keystr(path), i) for i, (path, variable) in enumerate(named)
                    if isinstance(variable, nnx.LoRAParam)]
+    arranged_leaves = [i for i, p in enumerate(perms) if p is not None]
 
     @jax.jit
     def arrange(arrays):
@@ -219,6 +315,10 @@ def lay_out_decode_weights(sampler) -> bool:
 
     def decode(arrays, arranged, sampling_state, prompt_len, keep):
         import jax.numpy as jnp
+
+        if arranged is None:  # the arrays' buffers hold them laid out (in place)
+            arranged = [None if p is None else a.reshape(tuple(a.shape[i] for i in p))
+                        for a, p in zip(arrays, perms)]
 
         def params(arranged):
             return treedef.unflatten([a if m is None else jnp.transpose(m, inv)
@@ -273,14 +373,25 @@ def lay_out_decode_weights(sampler) -> bool:
     def decode_fn(flat_state, sampling_state):
         from jaxpost.memory import release_free_memory
 
-        # The arranged copies come on top of what is in use (the reference pass hands
-        # them back when it starts, as the update does for what precedes it).
+        # The loop's buffers (and laid-out copies, off the in-place path) come on top of
+        # what is in use (the reference pass hands them back when it starts, as the
+        # update does for what precedes it).
         release_free_memory()
         arrays = jax.tree.leaves(flat_state)
         kept = getattr(sampler, "_jaxpost_layer_inputs", None)
         keep = bool(kept and "prompt" in kept and sampling_state.sampling_mode != "beam_search")
         prompt_len = int(sampling_state.num_input_tokens) if keep else 0
-        state, completion = compiled(arrays, arrange(arrays), sampling_state, prompt_len, keep)
+        moved = {id(arrays[i]): (arrays[i], perms[i]) for i in arranged_leaves}
+        if len(moved) == len(arranged_leaves) and _in_place_layout_possible(
+                [a for a, _ in moved.values()]):
+            # The prefill, the last reader of the weights before this loop, has ended.
+            jax.block_until_ready(sampling_state)
+            with _weights_in_decode_layout(*zip(*moved.values())):
+                state, completion = jax.block_until_ready(
+                    compiled(arrays, None, sampling_state, prompt_len, keep))
+        else:
+            state, completion = compiled(arrays, arrange(arrays), sampling_state,
+                                         prompt_len, keep)
         if keep:
             kept.update(completion=completion, tokens=state.token_buffer, prompt_len=prompt_len,
                         lora={path: arrays[i] for path, i in lora_leaves})
