@@ -3,7 +3,8 @@
 Workload (the reference figures in the README use it): Gemma 3 270M (embedded), LoRA
 rank 8, 2 prompts x 4 generations x 64 new tokens per step, float32, on the default
 reasoning-gym task. Prints seconds per step after compilation, rollout and training
-tokens/s and peak RSS.
+tokens/s, peak RSS, and how fast the machine is at the time (a matrix product's
+GFLOP/s and a copy's GB/s), since the same code's figures vary between days.
 
 With --compare-trl it then runs Hugging Face TRL's GRPOTrainer (PyTorch, CPU) on the
 same weights (the loaded model exported as a Hugging Face directory), the same training
@@ -157,6 +158,36 @@ class PhaseClock:
         return {name: sum(v[1:]) / len(v[1:]) for name, v in self.seconds.items() if len(v) > 1}
 
 
+def machine_speed() -> tuple[float, float]:
+    """This machine's matrix-product GFLOP/s and copy GB/s now, medians of 7 runs each.
+
+    The same code's step time varies by 15-20% between machines and days; these two
+    figures, printed beside it, say which kind of day a run had.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    big = jnp.ones((64 << 20,), jnp.float32)  # 256 MB
+    matmul = jax.jit(lambda x: x @ x)
+    # Reads and writes the whole buffer once, in place (a new buffer would add page faults).
+    bump = jax.jit(lambda x: x + 1, donate_argnums=0)
+
+    def median_seconds(f, x):
+        times = []
+        for i in range(8):  # the first compiles
+            t = time.perf_counter()
+            y = f(x).block_until_ready()
+            times.append(time.perf_counter() - t)
+            x = y if f is bump else x
+        return float(np.median(times[1:]))
+
+    return (2 * n**3 / median_seconds(matmul, a) / 1e9,
+            2 * big.nbytes / median_seconds(bump, big) / 1e9)
+
+
 def _steady(times: list[float]) -> float:
     return sum(times[1:]) / len(times[1:])
 
@@ -274,6 +305,7 @@ def main() -> None:
     generate(session.loaded, prompts, sampler=sampler, seed=1, **kwargs)
     rollout_s = time.time() - t
     rollout_tokens = len(prompts) * config.max_new_tokens
+    gflops, copy_gbs = machine_speed()
 
     print("\n=== jaxpost GRPO step benchmark ===")
     print(f"workload: {config.model} {config.dtype}, LoRA r={config.lora_rank}, "
@@ -293,6 +325,8 @@ def main() -> None:
     print(f"training tokens/s (step):     {train_tokens / step_s:.0f} "
           f"(prompt + completion tokens through rollout, reference and update)")
     print(f"peak RSS (load and training): {jaxpost_rss:.2f} GB")
+    print(f"machine now:                  {gflops:.0f} GFLOP/s (2048 x 2048 float32 product), "
+          f"{copy_gbs:.1f} GB/s (256 MB read and written)")
     if not args.compare_trl:
         return
     jaxpost = {"step_seconds": times, "rollout_seconds": rollout_s,
