@@ -155,6 +155,32 @@ def test_weights_in_decode_layout_holds_the_layout_and_restores_on_error():
     np.testing.assert_array_equal(np.array(a), want[0])
     np.testing.assert_array_equal(np.array(b), want[1])
 
+
+def test_weights_in_decode_layout_finishes_its_write_back_when_interrupted(monkeypatch):
+    """A Ctrl-C during the write-back waits until every weight is back, then is raised."""
+    import jaxpost.fast_logits as fast_logits
+
+    weights = [jnp.full((64, 32), float(i)) + jnp.arange(32.0) for i in range(4)]
+    want = [np.array(w) for w in weights]
+    calls = []
+    original = fast_logits._from_decode_layout
+
+    def interrupted_once(arrays, perms):
+        calls.append(len(arrays))
+        if len(calls) == 2:  # the write-back's second group
+            raise KeyboardInterrupt
+        return original(arrays, perms)
+
+    monkeypatch.setattr(fast_logits, "_from_decode_layout", interrupted_once)
+    monkeypatch.setattr(fast_logits, "_LAYOUT_GROUP_BYTES", 8 << 10)  # one array (8 KB) each
+    with pytest.raises(KeyboardInterrupt):
+        with fast_logits._weights_in_decode_layout(weights, [(1, 0)] * 4):
+            pass
+
+    assert len(calls) > 4  # the write-back went on after the interrupt
+    for w, v in zip(weights, want):
+        np.testing.assert_array_equal(np.array(w), v)
+
 def test_top_k_sampling_through_decoding_loop_equals_tunix():
     """Top-k sampling (jaxpost's blocked top-k in the loop) draws Tunix's tokens."""
     tunix, ours = _tunix_and_jaxpost_samplers()

@@ -224,18 +224,23 @@ def _overwrite(array, values) -> None:
     np.copyto(np.frombuffer(raw, dtype=array.dtype), np.asarray(values).reshape(-1))
 
 
-def _rewrite_in_place(arrays, perms, transform, done: list, group_bytes: int = 32 << 20):
+# How much of the weights _rewrite_in_place lays out per compiled call: about one layer
+# of the 270M model (21 MB), few calls, and little memory beside the weights.
+_LAYOUT_GROUP_BYTES = 32 << 20
+
+
+def _rewrite_in_place(arrays, perms, transform, done: list):
     """Writes ``transform``'s results over the arrays' own buffers, appending each to ``done``.
 
-    The new values are formed a group of arrays at a time (at most ``group_bytes``,
-    about one layer of the 270M model), in buffers of their own, while the previous
+    The new values are formed a group of arrays at a time (at most
+    :data:`_LAYOUT_GROUP_BYTES`), in buffers of their own, while the previous
     group's are copied over its arrays: at most two groups' worth of extra memory.
     Every holder of an array (the policy, the reference model, the sampler) then reads
     the new values.
     """
     groups, size = [[]], 0
     for a, p in zip(arrays, perms):
-        if groups[-1] and size + a.nbytes > group_bytes:
+        if groups[-1] and size + a.nbytes > _LAYOUT_GROUP_BYTES:
             groups.append([])
             size = 0
         groups[-1].append((a, p))
@@ -257,15 +262,27 @@ def _weights_in_decode_layout(arrays, perms) -> Iterator[None]:
     """Holds ``arrays`` in their decoding layouts (``perms``) for the block's duration.
 
     Each array's buffer is rewritten in place, and written back afterwards, whatever
-    the block raises. The caller makes sure nothing else reads them meanwhile.
+    the block raises. The caller makes sure nothing else reads them meanwhile. An
+    interrupt (Ctrl-C in a notebook) that comes during the write-back is held until
+    every array is back, then raised: the model is never left half laid out.
     """
     done = []
     try:
         _rewrite_in_place(arrays, perms, _in_decode_layout, done)
         yield
     finally:
-        if done:
-            _rewrite_in_place([a for a, _ in done], [p for _, p in done], _from_decode_layout, [])
+        interrupted = False
+        while done:
+            restored = []
+            try:
+                _rewrite_in_place([a for a, _ in done], [p for _, p in done],
+                                  _from_decode_layout, restored)
+            except KeyboardInterrupt:
+                interrupted = True
+            back = {id(a) for a, _ in restored}
+            done = [(a, p) for a, p in done if id(a) not in back]
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 def lay_out_decode_weights(sampler) -> bool:
