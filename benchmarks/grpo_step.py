@@ -177,7 +177,7 @@ def machine_speed() -> tuple[float, float]:
 
     def median_seconds(f, x):
         times = []
-        for i in range(8):  # the first compiles
+        for _ in range(8):  # the first compiles
             t = time.perf_counter()
             y = f(x).block_until_ready()
             times.append(time.perf_counter() - t)

@@ -25,12 +25,13 @@ Each sampling step's logits (one position per sequence) go through
 cores share the 671 MB read of the embedding table. :func:`lay_out_decode_weights` hands
 a sampler's decoding loop the attention and MLP weights already in the layouts a
 decoding step reads fastest (on CPU, in their own buffers for the loop's duration), so
-that they are rearranged once per rollout instead of at every new token; in those steps :class:`DecodingFeedForward` puts the MLP kernels first
-in its products, :class:`DecodingAttention` does so for its query and output projections
-and writes each cache in place, and top-k sampling takes its top k in blocks
-(:func:`blocked_top_k`). :func:`share_prompt_prefill` makes a sampler's prefill run each
-repeated prompt once; :func:`speed_up_sampler` installs both, and makes the sampler merge
-its model once per set of weights. :func:`keep_layer_inputs` makes such a sampler keep
+that they are rearranged once per rollout instead of at every new token; in those steps
+:class:`DecodingFeedForward` puts the MLP kernels first in its products,
+:class:`DecodingAttention` does so for its query and output projections and writes each
+cache in place, and top-k sampling takes its top k in blocks (:func:`blocked_top_k`).
+:func:`share_prompt_prefill` makes a sampler's prefill run each repeated prompt once;
+:func:`speed_up_sampler` installs both, and makes the sampler merge its model once per
+set of weights. :func:`keep_layer_inputs` makes such a sampler keep
 every layer's input from each rollout, so that the update after it need not run the
 layers forward again (:func:`rollout_layer_inputs`).
 
@@ -198,20 +199,32 @@ def _in_place_layout_possible(arrays) -> bool:
     return True
 
 
+def _laid_out(a, perm):
+    """The laid-out weight held in ``a`` (of the model's shape; see
+    :func:`_in_decode_layout`), as an array of the laid-out shape: a reshape, no copy."""
+    return a.reshape(tuple(a.shape[i] for i in perm))
+
+
+def _inverse(perm) -> tuple[int, ...]:
+    import numpy as np
+
+    return tuple(int(i) for i in np.argsort(perm))
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _in_decode_layout(arrays, perms):
-    """Each array's values in its layout from ``perms``, as an array of its own shape."""
+    """Each array's values in its layout from ``perms``, as an array of its own shape.
+
+    Its bytes are the laid-out weight's (:func:`_laid_out` reads it back), so the same
+    buffer can hold either layout.
+    """
     return [jax.numpy.transpose(a, p).reshape(a.shape) for a, p in zip(arrays, perms)]
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _from_decode_layout(arrays, perms):
     """Inverse of :func:`_in_decode_layout`."""
-    import numpy as np
-
-    return [jax.numpy.transpose(a.reshape(tuple(a.shape[i] for i in p)),
-                                tuple(int(i) for i in np.argsort(p)))
-            for a, p in zip(arrays, perms)]
+    return [jax.numpy.transpose(_laid_out(a, p), _inverse(p)) for a, p in zip(arrays, perms)]
 
 
 def _overwrite(array, values) -> None:
@@ -296,21 +309,20 @@ def lay_out_decode_weights(sampler) -> bool:
     copies, freed when the rollout ends. Nothing else runs while the loop does: the
     prefill before it has ended, and the policy, the reference model and the sampler,
     which share these buffers, read them again only after the write-back. The loop
-    receives the laid-out weights as arguments, so XLA cannot fold the arrangement back
-    into it; each step transposes them back to the model's own shapes, which XLA folds
-    into the products;
-    the MLP computes its products kernel first (:class:`DecodingFeedForward`) and the
-    attention writes its cache in place (:class:`DecodingAttention`). The model
-    computes the same numbers; Tunix's sampling step runs inside the loop, with its
-    top-k taken in blocks (:func:`sample_top_p`), and the loop stops before the final
-    step whose token Tunix discards (except in beam search).
+    receives the laid-out weights as arguments (either way, arrays of the model's shapes
+    holding the laid-out bytes, :func:`_in_decode_layout`), so XLA cannot fold the
+    arrangement back into it; each step transposes them back to the model's own shapes,
+    which XLA folds into the products; the MLP computes its products kernel first
+    (:class:`DecodingFeedForward`) and the attention writes its cache in place
+    (:class:`DecodingAttention`). The model computes the same numbers; Tunix's sampling
+    step runs inside the loop, with its top-k taken in blocks (:func:`sample_top_p`),
+    and the loop stops before the final step whose token Tunix discards (except in beam
+    search).
 
     Returns:
       Whether the sampler's decoding loop was replaced (False off CPU, when the model
       has no such weights, or for a sampler without Tunix 0.1.7's decoding internals).
     """
-    import numpy as np
-
     needed = ("_transformer_state", "_flattened_transformer_state", "_sample_step",
               "_compiled_decode_fn")
     if jax.default_backend() != "cpu" or not all(hasattr(sampler, a) for a in needed):
@@ -321,21 +333,16 @@ def lay_out_decode_weights(sampler) -> bool:
     arrays, treedef = jax.tree.flatten(sampler._flattened_transformer_state)
     if not any(perms) or len(arrays) != len(perms):
         return False
-    inverse = [None if p is None else tuple(int(i) for i in np.argsort(p)) for p in perms]
+    inverse = [None if p is None else _inverse(p) for p in perms]
     lora_leaves = [(jax.tree_util.keystr(path), i) for i, (path, variable) in enumerate(named)
                    if isinstance(variable, nnx.LoRAParam)]
     arranged_leaves = [i for i, p in enumerate(perms) if p is not None]
 
-    @jax.jit
-    def arrange(arrays):
-        return [None if p is None else jax.numpy.transpose(a, p) for a, p in zip(arrays, perms)]
-
-    def decode(arrays, arranged, sampling_state, prompt_len, keep):
+    def decode(arrays, sampling_state, prompt_len, keep):
         import jax.numpy as jnp
 
-        if arranged is None:  # the arrays' buffers hold them laid out (in place)
-            arranged = [None if p is None else a.reshape(tuple(a.shape[i] for i in p))
-                        for a, p in zip(arrays, perms)]
+        # The weights with a layout arrive holding it (_in_decode_layout).
+        arranged = [None if p is None else _laid_out(a, p) for a, p in zip(arrays, perms)]
 
         def params(arranged):
             return treedef.unflatten([a if m is None else jnp.transpose(m, inv)
@@ -385,7 +392,7 @@ def lay_out_decode_weights(sampler) -> bool:
         _, state, kept = jax.lax.while_loop(running, step, (arranged, state, kept))
         return state.replace(cache=_values_transposed(state.cache, False)), kept
 
-    compiled = jax.jit(decode, donate_argnums=(2,), static_argnums=(3, 4))
+    compiled = jax.jit(decode, donate_argnums=(1,), static_argnums=(2, 3))
 
     def decode_fn(flat_state, sampling_state):
         from jaxpost.memory import release_free_memory
@@ -398,17 +405,19 @@ def lay_out_decode_weights(sampler) -> bool:
         kept = getattr(sampler, "_jaxpost_layer_inputs", None)
         keep = bool(kept and "prompt" in kept and sampling_state.sampling_mode != "beam_search")
         prompt_len = int(sampling_state.num_input_tokens) if keep else 0
-        moved = {id(arrays[i]): (arrays[i], perms[i]) for i in arranged_leaves}
-        if len(moved) == len(arranged_leaves) and _in_place_layout_possible(
-                [a for a, _ in moved.values()]):
+        moved = [arrays[i] for i in arranged_leaves]
+        moved_perms = [perms[i] for i in arranged_leaves]
+        if len({id(a) for a in moved}) == len(moved) and _in_place_layout_possible(moved):
             # The prefill, the last reader of the weights before this loop, has ended.
             jax.block_until_ready(sampling_state)
-            with _weights_in_decode_layout(*zip(*moved.values())):
+            with _weights_in_decode_layout(moved, moved_perms):
                 state, completion = jax.block_until_ready(
-                    compiled(arrays, None, sampling_state, prompt_len, keep))
-        else:
-            state, completion = compiled(arrays, arrange(arrays), sampling_state,
-                                         prompt_len, keep)
+                    compiled(arrays, sampling_state, prompt_len, keep))
+        else:  # laid-out copies, freed when the loop ends
+            laid_out = list(arrays)
+            for i, a in zip(arranged_leaves, _in_decode_layout(moved, tuple(moved_perms))):
+                laid_out[i] = a
+            state, completion = compiled(laid_out, sampling_state, prompt_len, keep)
         if keep:
             kept.update(completion=completion, tokens=state.token_buffer, prompt_len=prompt_len,
                         lora={path: arrays[i] for path, i in lora_leaves})
