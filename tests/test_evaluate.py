@@ -80,6 +80,21 @@ def test_score_completions_uses_the_reasoning_gym_verifier():
     assert record["pass@2"] == 1.0
 
 
+def test_score_completions_counts_an_echo_as_unformatted_given_the_prompt():
+    from jaxpost.config import ColabTrainingConfig
+    from jaxpost.prompts import format_prompt
+
+    example = {"question": "Calculate 4 - 1.", "answer": "3"}
+    prompt = format_prompt(example["question"], ColabTrainingConfig(), template="gemma")
+    echo = ("<reasoning>You are given a problem. Think about it step by step and write your "
+            "reasoning</reasoning><answer>3</answer>")
+    answer = "<reasoning>4 - 1 = 3</reasoning><answer>3</answer>"
+    assert score_completions(example, [echo, answer])["format"] == [1.0, 1.0]
+    record = score_completions(example, [echo, answer], prompt=prompt)
+    assert record["format"] == [0.0, 1.0]
+    assert record["correct"] == [True, True]  # correctness does not look at the prompt
+
+
 def test_aggregate_weighs_each_example_once():
     example = {"question": "q", "answer": "42"}
     two = score_completions(example, [GOOD, UNTAGGED])   # correct 1 of 2

@@ -10,10 +10,12 @@ import pytest
 
 from jaxpost import rewards
 from jaxpost.rewards import (
+    ECHO_MIN_WORDS,
     REWARDS,
     answer_match,
     answer_number,
     create_reward_functions,
+    echoes_prompt,
     extract_answer,
     format_approximate,
     format_exact,
@@ -203,6 +205,124 @@ def test_format_approximate_custom_tags():
     think = "<think>x</think><answer>4</answer>"
     assert _one(format_approximate, think, reasoning_tag="think") == 1.0
     assert _one(format_approximate, GOOD, reasoning_tag="think") == 0.5
+
+
+# ---------------------------------------------------------------------------
+# Echo of the instruction
+
+SHORT_Q = "Calculate 4 - 1."
+LONG_Q = "A farmer has 12 cows and buys 5 more. How many cows does he have now?"
+
+
+def _gemma_prompt(question):
+    from jaxpost.config import ColabTrainingConfig
+    from jaxpost.prompts import format_prompt
+
+    return format_prompt(question, ColabTrainingConfig(), template="gemma")
+
+
+def _format_scores(completion, question, with_question=True):
+    columns = {"question": [question]} if with_question else {}
+    prompts = [_gemma_prompt(question)]
+    return (format_exact(prompts, [completion], **columns)[0],
+            format_approximate(prompts, [completion], **columns)[0])
+
+
+@pytest.mark.parametrize("with_question", [True, False])
+def test_echo_of_the_system_prompt_scores_at_most_zero(with_question):
+    from jaxpost.config import DEFAULT_SYSTEM_PROMPT
+
+    echo = DEFAULT_SYSTEM_PROMPT + "\n\n" + SHORT_Q
+    # Without the prompt the echo earns most of the credit: each tag once.
+    assert _one(format_approximate, echo) == 0.75
+    assert _format_scores(echo, SHORT_Q, with_question) == (0.0, -1.0)
+    assert echoes_prompt(_gemma_prompt(SHORT_Q), echo, SHORT_Q if with_question else None)
+
+
+def test_echo_wrapped_in_the_format_is_still_an_echo():
+    from jaxpost.config import DEFAULT_SYSTEM_PROMPT
+
+    untagged = DEFAULT_SYSTEM_PROMPT.split(" between")[0]  # "You are given ... your reasoning"
+    wrapped = f"<reasoning>{untagged}</reasoning>\n<answer>3</answer>"
+    assert _one(format_exact, wrapped) == 1.0
+    assert _format_scores(wrapped, SHORT_Q) == (0.0, -1.0)
+
+
+def test_well_formed_answer_is_not_an_echo():
+    good = "<reasoning>4 - 1 = 3</reasoning>\n<answer>3</answer>"
+    assert _format_scores(good, SHORT_Q) == (1.0, 1.0)
+    assert _format_scores(good, SHORT_Q, with_question=False) == (1.0, 1.0)
+
+
+def test_short_question_restated_in_the_reasoning_is_not_an_echo():
+    restated = ("<reasoning>Calculate 4 - 1. Taking 1 from 4 leaves 3.</reasoning>\n"
+                "<answer>3</answer>")
+    assert not echoes_prompt(_gemma_prompt(SHORT_Q), restated, SHORT_Q)
+    assert _format_scores(restated, SHORT_Q) == (1.0, 1.0)
+
+
+def test_long_question_copied_whole_is_an_echo():
+    copied = f"<reasoning>{LONG_Q} 12 + 5 = 17</reasoning>\n<answer>17</answer>"
+    assert echoes_prompt(_gemma_prompt(LONG_Q), copied, LONG_Q)
+    assert _format_scores(copied, LONG_Q) == (0.0, -1.0)
+    # Case and punctuation do not hide the copy.
+    shouted = f"<reasoning>{LONG_Q.upper().replace('.', '')} 17</reasoning><answer>17</answer>"
+    assert echoes_prompt(_gemma_prompt(LONG_Q), shouted, LONG_Q)
+
+
+def test_partial_copies_shorter_than_the_threshold_are_not_echoes():
+    assert ECHO_MIN_WORDS == 8
+    prompt = _gemma_prompt(LONG_Q)
+    seven = "<reasoning>A farmer has 12 cows and buys 5: 12 + 5 = 17</reasoning><answer>17</answer>"
+    assert not echoes_prompt(prompt, seven, LONG_Q)
+    assert _format_scores(seven, LONG_Q) == (1.0, 1.0)
+    # Seven words of the system prompt pass, the eighth makes a copy.
+    instruction = "think about it step by step and write".split()
+    for n, expected in ((7, False), (8, True)):
+        completion = f"<reasoning>{' '.join(instruction[:n])}: 17</reasoning><answer>17</answer>"
+        assert echoes_prompt(prompt, completion, LONG_Q) is expected
+
+
+def test_echo_check_ignores_text_that_only_the_question_holds():
+    """A question as long as the system prompt is not instruction: copying 8 of its
+    words is not an echo, while the same words do count when no question is given."""
+    prompt = _gemma_prompt(LONG_Q)
+    part = "<reasoning>a farmer has 12 cows and buys 5 more, so 17</reasoning><answer>17</answer>"
+    assert not echoes_prompt(prompt, part, LONG_Q)
+    assert echoes_prompt(prompt, part)
+
+
+def test_echo_check_needs_aligned_columns():
+    with pytest.raises(ValueError, match="prompts has 2 values for 1 completions"):
+        format_exact(["p", "p"], [GOOD])
+    with pytest.raises(ValueError, match="question has 2 values for 1 completions"):
+        format_approximate(["p"], [GOOD], question=["q", "q"])
+    # No prompts: no echo check, the tags alone decide.
+    assert format_exact(None, [GOOD]) == [1.0]
+    assert format_approximate([], [GOOD]) == [1.0]
+
+
+def test_echo_check_with_tunix_columns():
+    """Tunix passes prompts and columns as numpy str arrays, repeated per generation."""
+    import numpy as np
+
+    from jaxpost.config import DEFAULT_SYSTEM_PROMPT
+
+    fns = create_reward_functions(_config(["format_exact", "format_approximate"]))
+    prompts = np.repeat(np.array([_gemma_prompt(SHORT_Q)]), 2)
+    completions = [DEFAULT_SYSTEM_PROMPT, "<reasoning>4 - 1 = 3</reasoning><answer>3</answer>"]
+    question = np.repeat(np.array([SHORT_Q]), 2)
+    assert [fn(prompts=prompts, completions=completions, question=question) for fn in fns] == [
+        [0.0, 1.0], [-1.0, 1.0]]
+
+
+def test_answer_rewards_do_not_look_at_the_prompt():
+    from jaxpost.config import DEFAULT_SYSTEM_PROMPT
+
+    echo_then_answer = DEFAULT_SYSTEM_PROMPT + " <answer>3</answer>"
+    for fn in (answer_match, answer_number):
+        for prompts in (["p"], [_gemma_prompt(SHORT_Q)]):
+            assert fn(prompts, [echo_then_answer], answer=["3"], question=[SHORT_Q]) == [1.0]
 
 
 # ---------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def _count_tokens(tokenizer, text: str) -> int:
 
 def score_completions(example: dict, completions: Sequence[str], *, reasoning_tag: str = "reasoning",
                       answer_tag: str = "answer", max_new_tokens: int | None = None,
-                      k: int = 1, tokenizer=None) -> dict[str, Any]:
+                      k: int = 1, tokenizer=None, prompt: str | None = None) -> dict[str, Any]:
     """Scores one example's completions and returns its per-example record.
 
     Args:
@@ -115,6 +115,9 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
       k: the k of pass@k.
       tokenizer: a tokenizer adapter (``encode``, ``bos_id``) for token counts; None
         leaves them out.
+      prompt: the full formatted prompt the completions answer; ``format`` then counts a
+        completion that copies the instruction as badly formatted
+        (``jaxpost.rewards.echoes_prompt``). None skips that check.
 
     Returns:
       A JSON-serialisable dict: ``question``, ``reference``, ``answer_reward`` (the
@@ -147,7 +150,8 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
         "extracted": [rewards.extract_answer(c, answer_tag) for c in completions],
         "answer_score": [float(s) for s in answer_scores],
         "correct": correct,
-        "format": rewards.format_exact(prompts, completions, **tags),
+        "format": rewards.format_exact([prompt] * n if prompt is not None else None,
+                                       completions, question=[example["question"]] * n, **tags),
         "partial_credit": [float(s) for s in partial],
         f"pass@{k}": pass_at_k(n, sum(correct), k),
     }
@@ -509,7 +513,7 @@ def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_config,
                                    reasoning_tag=prompt_config.reasoning_tag,
                                    answer_tag=prompt_config.answer_tag,
                                    max_new_tokens=opts.max_new_tokens, k=opts.k,
-                                   tokenizer=loaded.tokenizer)
+                                   tokenizer=loaded.tokenizer, prompt=prompt)
         records.append({"index": i, "prompt": prompt, **record})
     settings = {
         "model": loaded.source,

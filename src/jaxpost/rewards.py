@@ -34,11 +34,13 @@ from typing import Any, Protocol
 from jaxpost.rubrics import DEFAULT_CATEGORY_WEIGHTS, rubric
 
 __all__ = [
+    "ECHO_MIN_WORDS",
     "REWARDS",
     "RewardFn",
     "answer_match",
     "answer_number",
     "create_reward_functions",
+    "echoes_prompt",
     "extract_answer",
     "format_approximate",
     "format_exact",
@@ -78,6 +80,15 @@ _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # "-" and "." are not stripped from the front: "-3" and ".5" are not "3" and "5".
 _LEADING_PUNCT = " \t\r\n,;:!?\"'`*([{"
 _TRAILING_PUNCT = " \t\r\n.,;:!?\"'`*)]}"
+
+# A completion that shares this many consecutive words with the instruction copies it.
+# Eight words is longer than any phrase an answer shares with "write your reasoning
+# between <reasoning> and </reasoning>" by chance, and shorter than its sentences.
+ECHO_MIN_WORDS = 8
+# Words for the echo check: a tag or chat marker ("<reasoning>", "<|im_end|>") is a word
+# even when glued to text; otherwise runs of non-space characters.
+_WORD_RE = re.compile(r"</?[A-Za-z0-9_|-]+>|[^\s<]+|<")
+_WORD_PUNCT = ".,;:!?\"'`*()[]{}"
 
 
 class _RewardConfig(Protocol):
@@ -184,6 +195,87 @@ def strip_end_marker(completion: str) -> str:
     return text
 
 
+def _echo_words(text: str) -> list[str]:
+    """Lowercased words of ``text``, with punctuation at their ends stripped (not tags')."""
+    words = []
+    for token in _WORD_RE.findall(text.lower()):
+        word = token if token.startswith("<") and token.endswith(">") else token.strip(_WORD_PUNCT)
+        if word:
+            words.append(word)
+    return words
+
+
+@functools.lru_cache(maxsize=256)
+def _instruction_ngrams(prompt: str, question: str) -> frozenset[tuple[str, ...]]:
+    """Every run of ECHO_MIN_WORDS words of ``prompt`` that lies outside ``question``.
+
+    Cached: Tunix scores G completions of each prompt, so one prompt comes G times.
+    """
+    words, cut = _echo_words(prompt), _echo_words(question)
+    segments, start, i = [], 0, 0
+    while cut and i + len(cut) <= len(words):
+        if words[i] == cut[0] and words[i : i + len(cut)] == cut:
+            segments.append(words[start:i])
+            i = start = i + len(cut)
+        else:
+            i += 1
+    segments.append(words[start:])
+    n = ECHO_MIN_WORDS
+    return frozenset(tuple(seg[j : j + n]) for seg in segments for j in range(len(seg) - n + 1))
+
+
+def echoes_prompt(prompt: str, completion: str, question: str | None = None) -> bool:
+    """Whether ``completion`` copies the instruction instead of answering it.
+
+    True when the completion
+      - holds a run of at least :data:`ECHO_MIN_WORDS` consecutive words that also
+        stands in ``prompt`` outside ``question`` (the system prompt, the chat-template
+        markup, rubric lines: everything but the question itself), or
+      - holds the whole ``question`` when the question has at least ECHO_MIN_WORDS words.
+    Words are whitespace-separated, compared lowercased, with punctuation at their
+    ends stripped; a tag such as ``<reasoning>`` is a word of its own even when glued
+    to text. A short question restated in the reasoning ("Calculate 4 - 1.") is not
+    an echo, nor is a copy of part of a question.
+
+    Args:
+      prompt: the full formatted prompt the completion answers.
+      completion: the model's output.
+      question: the question as it stands in the prompt; None treats the whole prompt
+        as instruction.
+
+    >>> echoes_prompt("Answer between <answer> and </answer>, and think step by step. 2 + 2?",
+    ...               "answer between <answer> and </answer>, and think step by step", "2 + 2?")
+    True
+    >>> echoes_prompt("Answer between <answer> and </answer>. 2 + 2?",
+    ...               "<answer>4</answer>", "2 + 2?")
+    False
+    """
+    words = _echo_words(completion)
+    if question is not None:
+        cut = _echo_words(question)
+        # Words hold no spaces, so a run of words is a substring between spaces.
+        if len(cut) >= ECHO_MIN_WORDS and f" {' '.join(cut)} " in f" {' '.join(words)} ":
+            return True
+    grams = _instruction_ngrams(prompt, question or "")
+    n = ECHO_MIN_WORDS
+    return any(tuple(words[i : i + n]) in grams for i in range(len(words) - n + 1))
+
+
+def _echo_flags(
+    reward: str, prompts: Sequence[str] | None, completions: list[str],
+    question: Sequence[Any] | None,
+) -> list[bool]:
+    """:func:`echoes_prompt` per completion; all False when there are no prompts."""
+    if prompts is None or len(prompts) == 0:
+        return [False] * len(completions)
+    for name, column in (("prompts", prompts), ("question", question)):
+        if column is not None and len(column) != len(completions):
+            raise ValueError(f"{reward}: {name} has {len(column)} values for "
+                             f"{len(completions)} completions; pass one per completion")
+    questions = [None] * len(completions) if question is None else [str(q) for q in question]
+    return [echoes_prompt(str(p), c, q) for p, c, q in zip(prompts, completions, questions)]
+
+
 def _require_column(
     reward: str, name: str, value: Any, completions: list[str], kwargs: dict
 ) -> list:
@@ -203,9 +295,10 @@ def _require_column(
 
 
 def format_exact(
-    prompts: list[str],
+    prompts: Sequence[str] | None,
     completions: list[str],
     *,
+    question: Sequence[Any] | None = None,
     reasoning_tag: str = "reasoning",
     answer_tag: str = "answer",
     **kwargs: Any,
@@ -217,9 +310,19 @@ def format_exact(
     R and A must contain non-whitespace text; each of the four tags must appear exactly
     once; no other text may come before or after. Otherwise 0.0.
 
+    A completion that copies the instruction (:func:`echoes_prompt` against its
+    ``prompts`` entry and the optional ``question`` column) scores 0.0 whatever its
+    tags: the system prompt names each tag once, so a base model that repeats it would
+    otherwise be rewarded for not answering. ``prompts`` None or empty skips that check.
+
     Range: {0.0, 1.0}.
+
+    Raises:
+      ValueError: ``prompts`` (when given) or ``question`` differ in length from
+        ``completions``.
     """
-    del prompts, kwargs
+    del kwargs
+    echoes = _echo_flags("format_exact", prompts, completions, question)
     r_open, r_close = f"<{reasoning_tag}>", f"</{reasoning_tag}>"
     a_open, a_close = f"<{answer_tag}>", f"</{answer_tag}>"
     pattern = re.compile(
@@ -228,10 +331,10 @@ def format_exact(
         re.DOTALL,
     )
     scores = []
-    for completion in completions:
+    for completion, echo in zip(completions, echoes):
         text = strip_end_marker(completion)
         once = all(text.count(tag) == 1 for tag in (r_open, r_close, a_open, a_close))
-        match = pattern.match(text) if once else None
+        match = pattern.match(text) if once and not echo else None
         # The pattern alone lets a whitespace-only block through ("<answer> </answer>").
         ok = match is not None and all(group.strip() for group in match.groups())
         scores.append(1.0 if ok else 0.0)
@@ -239,9 +342,10 @@ def format_exact(
 
 
 def format_approximate(
-    prompts: list[str],
+    prompts: Sequence[str] | None,
     completions: list[str],
     *,
+    question: Sequence[Any] | None = None,
     reasoning_tag: str = "reasoning",
     answer_tag: str = "answer",
     **kwargs: Any,
@@ -254,13 +358,26 @@ def format_approximate(
     ``</answer>`` (one trailing end marker such as ``<end_of_turn>`` is ignored). The
     sum is clipped to [-1, 1]. Tag order is not checked; :func:`format_exact` does that.
 
+    A completion that copies the instruction (:func:`echoes_prompt` against its
+    ``prompts`` entry and the optional ``question`` column) scores -1.0, the minimum:
+    repeating the system prompt shows each tag once and would otherwise earn up to
+    1.0. ``prompts`` None or empty skips that check.
+
     Range: [-1.0, 1.0] in steps of 0.25.
+
+    Raises:
+      ValueError: ``prompts`` (when given) or ``question`` differ in length from
+        ``completions``.
     """
-    del prompts, kwargs
+    del kwargs
+    echoes = _echo_flags("format_approximate", prompts, completions, question)
     tags = (f"<{reasoning_tag}>", f"</{reasoning_tag}>", f"<{answer_tag}>", f"</{answer_tag}>")
     a_close = tags[3]
     scores = []
-    for completion in completions:
+    for completion, echo in zip(completions, echoes):
+        if echo:
+            scores.append(-1.0)
+            continue
         text = strip_end_marker(completion)
         score = 0.0
         for tag in tags:
