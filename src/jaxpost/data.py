@@ -39,7 +39,8 @@ DATASET_FORMS = (
     "reasoning-gym:TASK[#OPTION=VALUE&...]  (OPTIONs are the task's config fields)",
     "gsm8k | gsm8k:train | gsm8k:test  (Hugging Face openai/gsm8k, config 'main')",
     "gsm8k:PATH  (local JSONL in GSM8K format)",
-    "jsonl:PATH[#question=COLUMN&answer=COLUMN]",
+    "jsonl:PATH[#question=COLUMN&answer=COLUMN&reasoning=COLUMN]  (reasoning: the worked "
+    "solutions an SFT warm-up learns from, see jaxpost.demonstrations)",
     "rubric-demo  (the example rubrics shipped with jaxpost)",
     "rubric-jsonl:PATH  (JSONL: question, optional reference_answer, rubric)",
     "rar-medicine | rar-science | openrubrics [:SPLIT or :LOCAL_FILE]  (Hugging Face "
@@ -53,7 +54,9 @@ _GSM8K_FORMAT = (
     'one JSON object per line, {"question": "...", "answer": "worked solution\\n#### 42"}'
 )
 _JSONL_FORMAT = "one JSON object per line with a question column and an answer column"
-_JSONL_COLUMN_OPTIONS = ("question", "answer")
+# `reasoning` names the worked-solution column for jaxpost.demonstrations; loading keeps
+# that column like any other, so the option changes nothing here.
+_JSONL_COLUMN_OPTIONS = ("question", "answer", "reasoning")
 RUBRIC_KINDS = ("rubric-demo", "rubric-jsonl", "rar-medicine", "rar-science", "openrubrics")
 # Set by the loader from #max and the seed, never by task options.
 _RESERVED_REASONING_GYM_OPTIONS = ("size", "seed")

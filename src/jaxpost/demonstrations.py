@@ -1,0 +1,487 @@
+"""Demonstrations for the SFT warm-up: questions paired with well-formed answers.
+
+A pretrained model that is not instruction-tuned answers a chat turn by repeating it;
+GRPO cannot reinforce a format the model never produces. A short supervised warm-up on
+completions of the form ``<reasoning>R</reasoning>\\n<answer>A</answer>`` puts it within
+reach. The reasoning R always comes from the data, never from a guess:
+
+  - gsm8k: the worked solution before ``####``, calculator notes ``<<48/2=24>>`` removed;
+  - jsonl: a worked-solution column (``#reasoning=COLUMN``, else ``reasoning`` or
+    ``solution``);
+  - reasoning-gym: a rationale built from the task's own metadata by a builder in
+    :data:`RATIONALE_BUILDERS`, kept only when the task's verifier accepts its answer;
+  - sft-jsonl: a user's file of question/completion pairs, used as written.
+
+A demonstration whose reasoning or answer is empty, or whose completion is not one that
+``jaxpost.rewards.format_exact`` scores 1.0, is skipped and counted in one warning.
+
+This module imports neither JAX nor the data pipeline at import time: the config checks
+``sft_data`` with :func:`check_sft_data_spec` whenever one is built.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fractions
+import json
+import logging
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("jaxpost.demonstrations")
+
+__all__ = [
+    "RATIONALE_BUILDERS",
+    "SFT_DATA_FORMS",
+    "Demonstration",
+    "check_sft_data_spec",
+    "evaluation_steps",
+    "load_demonstrations",
+    "strip_calculator_notes",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Demonstration:
+    """One supervised example.
+
+    Attributes:
+      question: the question, as the prompt will show it.
+      completion: ``<{reasoning_tag}>R</{reasoning_tag}>\\n<{answer_tag}>A</{answer_tag}>``,
+        without an end-of-turn marker (the trainer appends the model's own).
+      answer: the reference answer (for sft-jsonl, the text in the answer tag).
+    """
+
+    question: str
+    completion: str
+    answer: str
+
+
+# ---------------------------------------------------------------------------
+# Step-by-step evaluation of an arithmetic expression
+
+_NEG_OPEN = "-("  # a unary minus applied to a parenthesised group
+_OPERATORS = {
+    "+": lambda x, y: x + y,
+    "-": lambda x, y: x - y,
+    "*": lambda x, y: x * y,
+    "/": lambda x, y: x / y,
+}
+_ARITHMETIC_TOKEN_RE = re.compile(r"\d+|[-+*/()]|\S")
+
+
+def _tokens(expression: str) -> list[Any]:
+    """Numbers (Fraction), binary operators, "(", "-(" and ")"; checked well formed."""
+    tokens: list[Any] = []
+    raw = _ARITHMETIC_TOKEN_RE.findall(expression)
+    expect_operand, depth, negate, i = True, 0, False, 0
+    while i < len(raw):
+        tok = raw[i]
+        if expect_operand:
+            if tok == "-" and not negate:
+                negate = True  # unary: "-3", "2 - -1", "-(4 + 1)"
+            elif tok.isdigit():
+                tokens.append(fractions.Fraction(-int(tok) if negate else int(tok)))
+                expect_operand, negate = False, False
+            elif tok == "(":
+                tokens.append(_NEG_OPEN if negate else "(")
+                depth, negate = depth + 1, False
+            else:
+                raise ValueError(f"expression {expression!r}: expected a number or '(' at {tok!r}")
+        elif tok in _OPERATORS:
+            tokens.append(tok)
+            expect_operand = True
+        elif tok == ")" and depth > 0:
+            tokens.append(tok)
+            depth -= 1
+        else:
+            raise ValueError(f"expression {expression!r}: expected an operator or ')' at {tok!r}")
+        i += 1
+    if expect_operand or depth:
+        raise ValueError(f"expression {expression!r} is incomplete")
+    return tokens
+
+
+def _render_value(value: fractions.Fraction) -> str:
+    if value.denominator == 1:
+        return str(value.numerator)
+    return f"({value.numerator}/{value.denominator})"
+
+
+def _render(tokens: list[Any]) -> str:
+    out = ""
+    for tok in tokens:
+        text = _render_value(tok) if isinstance(tok, fractions.Fraction) else tok
+        tight = not out or out.endswith("(") or tok == ")"
+        out += text if tight else f" {text}"
+    return out
+
+
+def _reduce_flat(tokens: list[Any]) -> list[Any]:
+    """One operation of a parenthesis-free [number, op, number, ...]: the first * or /,
+    else the first + or -."""
+    ops = range(1, len(tokens), 2)
+    at = next((i for i in ops if tokens[i] in "*/"), 1)
+    left, op, right = tokens[at - 1 : at + 2]
+    if op == "/" and right == 0:
+        raise ValueError("division by zero")
+    return [*tokens[: at - 1], _OPERATORS[op](left, right), *tokens[at + 2 :]]
+
+
+def _step(tokens: list[Any]) -> list[Any]:
+    """One operation, innermost parentheses first; a group reduced to one number loses
+    its parentheses (and takes its unary minus) in the same step."""
+    close = next((i for i, tok in enumerate(tokens) if tok == ")"), None)
+    if close is None:
+        return _reduce_flat(tokens)
+    start = max(i for i in range(close) if tokens[i] in ("(", _NEG_OPEN))
+    inner = tokens[start + 1 : close]
+    if len(inner) > 1:
+        inner = _reduce_flat(inner)
+    if len(inner) > 1:
+        return [*tokens[: start + 1], *inner, *tokens[close:]]
+    value = -inner[0] if tokens[start] == _NEG_OPEN else inner[0]
+    return [*tokens[:start], value, *tokens[close + 1 :]]
+
+
+def evaluation_steps(expression: str) -> tuple[tuple[str, ...], fractions.Fraction]:
+    """Evaluates an arithmetic expression exactly, one operation at a time.
+
+    Order: the innermost parentheses first (leftmost first), inside them and then
+    outside, ``*`` and ``/`` left to right before ``+`` and ``-`` left to right.
+    Numbers are non-negative integers, optionally with a unary minus ("-3", "2 - -1",
+    "-(4 + 1)"); whitespace is free. Arithmetic is exact (``fractions.Fraction``);
+    an integer renders without ".0" and a non-integer as "(7/2)".
+
+    Returns:
+      (stages, value): the expression as rendered, then the expression after each
+      operation, the last stage being the value; ``" = ".join(stages)`` reads
+      "3 + 4 * 2 = 3 + 8 = 11".
+
+    Raises:
+      ValueError: a token other than numbers, ``+ - * /`` and parentheses, a malformed
+        expression, or a division by zero.
+
+    >>> " = ".join(evaluation_steps("3 + 4 * 2 - (5 - 1)")[0])
+    '3 + 4 * 2 - (5 - 1) = 3 + 4 * 2 - 4 = 3 + 8 - 4 = 11 - 4 = 7'
+    """
+    tokens = _tokens(expression)
+    stages = [_render(tokens)]
+    while len(tokens) > 1:
+        tokens = _step(tokens)
+        stages.append(_render(tokens))
+    return tuple(stages), tokens[0]
+
+
+# ---------------------------------------------------------------------------
+# Rationale builders for reasoning-gym tasks
+
+
+def _expression_rationale(entry: dict) -> tuple[str, str]:
+    """The step-by-step evaluation of ``metadata["expression"]`` and its value."""
+    expression = entry.get("metadata", {}).get("expression")
+    if not isinstance(expression, str):
+        raise ValueError("the entry's metadata has no 'expression'")
+    stages, value = evaluation_steps(expression)
+    return " = ".join(stages), _render_value(value)
+
+
+# Task name -> builder(entry) -> (reasoning, answer). A builder raises ValueError when it
+# cannot read an entry; its answer must still pass the task's verifier and equal the
+# reference answer, or the demonstration is dropped.
+RATIONALE_BUILDERS: dict[str, Callable[[dict], tuple[str, str]]] = {
+    "basic_arithmetic": _expression_rationale,
+    "chain_sum": _expression_rationale,
+}
+
+SFT_DATA_FORMS = (
+    "auto  (the run's own dataset and seed: its worked solutions, or a rationale built "
+    "from a reasoning-gym task's metadata)",
+    "gsm8k | gsm8k:train | gsm8k:test | gsm8k:PATH  (GSM8K's worked solutions)",
+    "jsonl:PATH[#question=COLUMN&answer=COLUMN&reasoning=COLUMN]  (reasoning from the "
+    "named column, else a 'reasoning' or 'solution' column)",
+    f"reasoning-gym:TASK[#OPTION=VALUE&...]  (TASK one of {', '.join(RATIONALE_BUILDERS)}: "
+    "an exact step-by-step evaluation of the task's expression)",
+    "sft-jsonl:PATH[#question=COLUMN&completion=COLUMN]  (your own question/completion "
+    "pairs, each completion <reasoning>...</reasoning><answer>...</answer>)",
+    "any form but auto with #max=N to cap the number of demonstrations",
+)
+_SFT_JSONL = "sft-jsonl"
+_SFT_JSONL_OPTIONS = ("question", "completion")
+_DATASET_KINDS = ("gsm8k", "jsonl", "reasoning-gym")
+_REASONING_COLUMNS = ("reasoning", "solution")
+_CALCULATOR_NOTE_RE = re.compile(r"<<[^<>\n]*>>")
+
+
+def strip_calculator_notes(solution: str) -> str:
+    """A GSM8K solution without its calculator notes, whitespace tidied.
+
+    Removes every ``<<...>>``, collapses runs of spaces within a line and drops empty
+    lines: "Natalia sold 48/2 = <<48/2=24>>24 clips" -> "Natalia sold 48/2 = 24 clips".
+    """
+    lines = (" ".join(line.split()) for line in _CALCULATOR_NOTE_RE.sub("", solution).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+# ---------------------------------------------------------------------------
+# Specs
+
+
+def _invalid(spec: str, why: str) -> ValueError:
+    forms = "\n  ".join(SFT_DATA_FORMS)
+    return ValueError(f"sft_data {spec!r}: {why}. Valid forms:\n  {forms}")
+
+
+def _no_builder(task: str) -> str:
+    return (f"reasoning-gym task {task!r} has no rationale builder (tasks with one: "
+            f"{', '.join(RATIONALE_BUILDERS)}), and demonstrations are never made up; use "
+            "sft_data=sft-jsonl:PATH with worked answers of your own, or a dataset with "
+            "worked solutions (gsm8k, jsonl:PATH#reasoning=COLUMN)")
+
+
+def _parse_sft_jsonl(spec: str) -> tuple[str, dict[str, str], int | None]:
+    """(path, column options, max) of an ``sft-jsonl:PATH[#KEY=VALUE&...]`` spec."""
+    head, _, option_text = spec.strip().partition("#")
+    path = head[len(_SFT_JSONL) + 1 :] if head.startswith(f"{_SFT_JSONL}:") else ""
+    if not path:
+        raise _invalid(spec, "sft-jsonl needs a file path")
+    options: dict[str, str] = {}
+    for part in re.split(r"[#&]", option_text) if option_text else ():
+        key, has_value, value = part.partition("=")
+        if not key or not has_value or not value:
+            raise _invalid(spec, f"option {part!r} is not KEY=VALUE")
+        if key in options:
+            raise _invalid(spec, f"option {key!r} given twice")
+        if key not in (*_SFT_JSONL_OPTIONS, "max"):
+            raise _invalid(spec, f"sft-jsonl options are {_SFT_JSONL_OPTIONS} and max, got {key!r}")
+        options[key] = value
+    raw_max = options.pop("max", None)
+    if raw_max is not None and (not raw_max.isdigit() or int(raw_max) < 1):
+        raise _invalid(spec, f"max={raw_max!r} is not a positive integer")
+    return path, options, None if raw_max is None else int(raw_max)
+
+
+def _check_dataset_source(spec: str, label: str) -> Any:
+    """The parsed dataset spec, if demonstrations can come from it."""
+    from jaxpost.data import parse_dataset_spec
+
+    kind = re.split(r"[:#]", spec.strip(), maxsplit=1)[0]
+    if kind not in _DATASET_KINDS:
+        from jaxpost.data import RUBRIC_KINDS
+
+        why = (f"{kind!r} datasets hold rubrics, not worked solutions" if kind in RUBRIC_KINDS
+               else f"unknown kind {kind!r}")
+        raise _invalid(label, why)
+    parsed = parse_dataset_spec(spec)
+    if parsed.kind == "reasoning-gym" and parsed.arg not in RATIONALE_BUILDERS:
+        raise ValueError(f"sft_data {label!r}: {_no_builder(parsed.arg)}")
+    return parsed
+
+
+def check_sft_data_spec(spec: str) -> None:
+    """Checks an ``sft_data`` spec (:data:`SFT_DATA_FORMS`) without reading anything.
+
+    "auto" always passes here; :func:`load_demonstrations` checks the dataset it
+    stands for.
+
+    Raises:
+      ValueError: an empty spec, an unknown kind, a rubric dataset (no worked
+        solutions), a reasoning-gym task without a rationale builder, or a malformed
+        sft-jsonl or dataset spec; the message names the spec and the valid forms.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise _invalid(str(spec), "empty spec")
+    text = spec.strip()
+    if text == "auto":
+        return
+    if text.split(":", 1)[0].split("#", 1)[0] == _SFT_JSONL:
+        _parse_sft_jsonl(text)
+        return
+    _check_dataset_source(text, spec)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def _completion(reasoning: str, answer: str, reasoning_tag: str, answer_tag: str) -> str:
+    return f"<{reasoning_tag}>{reasoning}</{reasoning_tag}>\n<{answer_tag}>{answer}</{answer_tag}>"
+
+
+def _missing_column(source: str, what: str, found: set, expected: Any) -> ValueError:
+    return ValueError(f"{source} has no {what} column: found columns {sorted(found)}, expected "
+                      f"{expected}")
+
+
+def _reasoning_column(parsed: Any, examples: list[dict], source: str) -> str:
+    found = set().union(*(example.keys() for example in examples))
+    if parsed.kind == "gsm8k":
+        candidates: tuple[str, ...] = ("solution",)
+    elif "reasoning" in parsed.options:
+        candidates = (parsed.options["reasoning"],)
+    else:
+        candidates = _REASONING_COLUMNS
+    column = next((c for c in candidates if c in found), None)
+    if column is None:
+        hint = "" if parsed.kind == "gsm8k" else " (name yours with #reasoning=COLUMN)"
+        raise _missing_column(source, "worked-solution", found, f"one of {list(candidates)}{hint}")
+    return column
+
+
+def _from_dataset(spec: str, label: str, seed: int, max_examples: int | None,
+                  skipped: collections.Counter) -> list[tuple[str, str, str]]:
+    """(question, reasoning, answer) of each example of a dataset spec that has one."""
+    from jaxpost.data import load_examples
+
+    parsed = _check_dataset_source(spec, label)
+    examples = load_examples(parsed, seed=seed, max_examples=max_examples)
+    if parsed.kind == "reasoning-gym":
+        return _from_reasoning_gym(parsed.arg, examples, skipped)
+    column = _reasoning_column(parsed, examples, label)
+    triples = []
+    for example in examples:
+        reasoning = example.get(column)
+        if not isinstance(reasoning, str) or not reasoning.strip():
+            skipped["without reasoning"] += 1
+            continue
+        if parsed.kind == "gsm8k":
+            reasoning = strip_calculator_notes(reasoning)
+        triples.append((example["question"], reasoning.strip(), example["answer"]))
+    return triples
+
+
+def _same_answer(answer: str, reference: str) -> bool:
+    if answer.strip() == reference.strip():
+        return True
+    try:
+        return fractions.Fraction(answer.strip()) == fractions.Fraction(reference.strip())
+    except (ValueError, ZeroDivisionError):
+        return False
+
+
+def _from_reasoning_gym(task: str, examples: list[dict],
+                        skipped: collections.Counter) -> list[tuple[str, str, str]]:
+    from jaxpost.rewards import _reasoning_gym_scorer
+
+    build, verify = RATIONALE_BUILDERS[task], _reasoning_gym_scorer(task)
+    triples = []
+    for example in examples:
+        entry = json.loads(example["entry"])
+        try:
+            reasoning, answer = build(entry)
+        except ValueError:
+            skipped["without a rationale from the metadata"] += 1
+            continue
+        # basic_arithmetic floors its divisions: an exact value that differs is dropped.
+        if not _same_answer(answer, example["answer"]):
+            skipped["whose rationale reaches another value than the reference"] += 1
+            continue
+        if float(verify(answer=answer, entry=entry)) < 1.0:
+            skipped["rejected by the task's verifier"] += 1
+            continue
+        triples.append((example["question"], reasoning, answer))
+    return triples
+
+
+def _from_sft_jsonl(spec: str, seed: int, max_examples: int | None,
+                    skipped: collections.Counter,
+                    answer_tag: str) -> list[tuple[str, str, str | None]]:
+    """(question, completion, answer) of each row of an sft-jsonl file."""
+    from jaxpost.data import read_jsonl
+    from jaxpost.rewards import extract_answer, strip_end_marker
+
+    path, options, limit = _parse_sft_jsonl(spec)
+    q_col = options.get("question", "question")
+    c_col = options.get("completion", "completion")
+    rows = read_jsonl(Path(path).expanduser(),
+                      f"one JSON object per line with {q_col!r} and {c_col!r} columns", skipped)
+    found = set().union(*(row.keys() for row in rows))
+    for what, column in (("question", q_col), ("completion", c_col)):
+        if column not in found:
+            raise _missing_column(spec, what, found,
+                                  f"{column!r} (name yours with #{what}=COLUMN)")
+    random.Random(seed).shuffle(rows)
+    limit = limit if limit is not None else max_examples
+    rows = rows[:limit]
+    out = []
+    for row in rows:
+        question, completion = row.get(q_col), row.get(c_col)
+        if not isinstance(question, str) or not question.strip():
+            skipped["without question"] += 1
+            continue
+        if not isinstance(completion, str) or not completion.strip():
+            skipped["without completion"] += 1
+            continue
+        # The trainer appends the model's end-of-turn marker itself.
+        completion = strip_end_marker(completion)
+        # None (no answer tag) leaves the verdict to the format check.
+        out.append((question.strip(), completion, extract_answer(completion, answer_tag)))
+    return out
+
+
+def load_demonstrations(spec: str, *, dataset: str, seed: int, max_examples: int | None = None,
+                        reasoning_tag: str = "reasoning",
+                        answer_tag: str = "answer") -> list[Demonstration]:
+    """Loads the demonstrations of an ``sft_data`` spec (:data:`SFT_DATA_FORMS`).
+
+    Args:
+      spec: "auto", a dataset spec with worked solutions, or "sft-jsonl:PATH[...]".
+      dataset: the run's dataset spec, which "auto" stands for.
+      seed: seeds reasoning-gym generation and the order, as in
+        ``jaxpost.data.load_examples`` ("auto" gives the run's own examples).
+      max_examples: cap used when the spec has no ``#max`` (for reasoning-gym, the
+        number generated).
+      reasoning_tag, answer_tag: the tags of the completions (names, no brackets).
+
+    Returns:
+      The demonstrations in a seeded order, each completion scoring 1.0 on
+      ``jaxpost.rewards.format_exact`` with these tags. Skipped rows (no reasoning,
+      empty answer, a malformed completion, a rationale the verifier rejects) are
+      counted in one warning of the "jaxpost.demonstrations" logger.
+
+    Raises:
+      ValueError: a bad spec (see :func:`check_sft_data_spec`, applied to the dataset
+        for "auto"), a source without a worked-solution or completion column (naming
+        the columns found and expected), or no demonstration left.
+      FileNotFoundError: a local file is missing.
+    """
+    from jaxpost.rewards import format_exact
+
+    check_sft_data_spec(spec)
+    text = spec.strip()
+    skipped: collections.Counter = collections.Counter()
+    if text.split(":", 1)[0].split("#", 1)[0] == _SFT_JSONL:
+        source = text
+        candidates = [(q, c, a, c) for q, c, a in
+                      _from_sft_jsonl(text, seed, max_examples, skipped, answer_tag)]
+    else:
+        source = text if text != "auto" else dataset
+        label = text if text != "auto" else f"auto (dataset {dataset!r})"
+        candidates = [(q, r, a, _completion(r, a, reasoning_tag, answer_tag)) for q, r, a in
+                      _from_dataset(source, label, seed, max_examples, skipped)]
+
+    demos = []
+    for question, reasoning, answer, completion in candidates:
+        if not reasoning.strip():
+            skipped["without reasoning"] += 1
+        elif answer is not None and not answer.strip():
+            skipped["without answer"] += 1
+        elif format_exact(None, [completion], reasoning_tag=reasoning_tag,
+                          answer_tag=answer_tag) != [1.0]:
+            skipped["malformed"] += 1
+        else:
+            demos.append(Demonstration(question, completion, answer.strip()))
+
+    total = len(demos) + sum(skipped.values())
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+    if not demos:
+        raise ValueError(f"sft_data {spec!r} ({source}) gives no usable demonstrations: "
+                         f"{reasons or 'the source is empty'}")
+    if skipped:
+        logger.warning("%s: skipped %d of %d demonstrations: %s", source,
+                       sum(skipped.values()), total, reasons)
+    return demos
