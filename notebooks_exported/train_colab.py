@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -47,10 +47,11 @@ TEST_QUESTION = "A baker makes 23 muffins and sells 8. How many are left?"
 # The TPU and GPU presets train Gemma 3 1B from Kaggle Models, which is gated: accept its terms at kaggle.com/models/google/gemma-3, then add the secrets `KAGGLE_USERNAME` and `KAGGLE_KEY` (and `HF_TOKEN` for a gated Hugging Face model). **Colab:** the key icon in the left sidebar, with *Notebook access* on. **Kaggle:** *Add-ons > Secrets*. jaxpost looks for each secret in values passed to `resolve_credentials(...)`, then Colab's secrets, then Kaggle's, then environment variables, and only ever shows whether it is set.
 
 # %%
-from jaxpost.colab_pipeline import (compare, detect_platform, export_checkpoint, make_config,
+from jaxpost.colab_pipeline import (detect_platform, export_checkpoint, held_out_comparison,
+                                    make_config,
                                     prepare_colab_session, quick_test,
                                     resolve_credentials, run_full_pipeline,
-                                    show_training_curves, train_grpo)
+                                    show_training_curves, train_grpo, train_sft)
 
 credentials = resolve_credentials()
 credentials
@@ -69,7 +70,7 @@ print(accelerator)
 # %% [markdown]
 # ## 5. Train, export and test in one call
 #
-# Prints the configuration, loads the model (one summary line: platform, devices, mesh, model, parameter and LoRA parameter counts), trains with GRPO while checkpointing, exports the LoRA adapters and answers a held-out question.
+# Prints the configuration, loads the model (one summary line: platform, devices, mesh, model, parameter and LoRA parameter counts), runs the SFT warm-up when the preset has one (`sft_steps`), trains with GRPO while checkpointing, exports the LoRA adapters answers a held-out question, and prints a base-vs-trained table on held-out examples.
 
 # %%
 session, state, export_path = run_full_pipeline(config, credentials=credentials)
@@ -89,25 +90,24 @@ answer = quick_test(config, session, TEST_QUESTION, trainer_state=state)
 print((export_path / "README.md").read_text())
 
 # %% [markdown]
-# ### Base vs trained
+# ### Base vs trained, on held-out questions
 #
-# The base model and the trained adapters (the run's newest checkpoint) answer the same 8 questions with the same prompts, greedily, reusing the loaded model; the table gives accuracy, format rate, partial credit, pass@1 and completion length side by side. Here the questions come from the training dataset's spec; for a held-out score on GSM8K use `data="gsm8k:test"`. `jaxpost eval` does the same from the command line.
+# The base model and the trained adapters (the run's newest checkpoint) answer the same 16 held-out questions with the same prompts, greedily, reusing the loaded model: GSM8K's test split for a GSM8K run, else the run's task drawn with another seed. The table gives accuracy, format rate, partial credit, pass@1 and completion length side by side; read format rate and accuracy together (format up with accuracy down is reward hacking). `jaxpost eval --compare` does the same from the command line.
 
 # %%
-comparison = compare(config.model, lora_b=config.output_dir, data=config.dataset, num_examples=8,
-                     max_new_tokens=config.max_new_tokens, loaded=session.loaded)
-print(comparison.table())
+comparison = held_out_comparison(config, session, num_examples=16)
 
 # %% [markdown]
 # ## 7. The same run, step by step
 #
-# For looking between stages. The first run's model is released to free its memory. With the same output directory `train_grpo` resumes from that run's newest checkpoint (already at the last step, so it only loads it); raise `MAX_STEPS` to train on.
+# For looking between stages. The first run's model is released to free its memory. With the same output directory `train_sft` and `train_grpo` resume from that run's newest checkpoints (already at their last steps, so they only load them); raise `MAX_STEPS` to train on.
 
 # %%
 del session, state
 session = prepare_colab_session(config, credentials=credentials)
 
 # %%
+sft_state = train_sft(config, session)  # None without a warm-up (sft_steps=0)
 state = train_grpo(config, session)
 state.history[-1]
 

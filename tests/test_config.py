@@ -36,7 +36,10 @@ def test_all_presets_build():
     for name, fn in PRESETS.items():
         assert isinstance(get_preset(name), ColabTrainingConfig)
         assert f"jaxpost train --preset {name}" in fn.__doc__
-    assert get_preset("default") == ColabTrainingConfig()
+    # The default preset is the dataclass defaults plus its two stages' settings.
+    stages = {"sft_steps": 40, "sft_learning_rate": 1e-3, "sft_batch_size": 8, "beta": 0.0,
+              "learning_rate": 3e-5, "batch_size": 4, "num_generations": 4, "num_batches": 8}
+    assert get_preset("default") == dataclasses.replace(ColabTrainingConfig(), **stages)
 
 
 def test_smoke_preset_values():

@@ -3,7 +3,7 @@
     Config -> Session -> TrainerState -> exported checkpoint -> evaluation report
 
 This module is a thin facade over ``config``, ``platform``, ``credentials``, ``session``,
-``train``, ``export``, ``evaluate`` and ``plots``; the notebook (``demo/train_colab.ipynb``) and
+``sft``, ``train``, ``export``, ``evaluate`` and ``plots``; the notebook (``demo/train_colab.ipynb``) and
 ``jaxpost train`` call only these.
 """
 
@@ -21,6 +21,7 @@ from jaxpost.hf_export import export_from_lora_dir, export_run, push_to_hub
 from jaxpost.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
 from jaxpost.plots import show_training_curves
 from jaxpost.session import ColabSession
+from jaxpost.sft import SFTState, train_sft
 from jaxpost.train import TrainerState, train_grpo
 
 __all__ = [
@@ -37,7 +38,10 @@ __all__ = [
     "make_config",
     "resolve_credentials",
     "prepare_colab_session",
+    "SFTState",
+    "train_sft",
     "train_grpo",
+    "held_out_comparison",
     "export_checkpoint",
     "export_run",
     "export_from_lora_dir",
@@ -121,9 +125,49 @@ def _first_eval_question(session: ColabSession) -> str | None:
     return str(session.eval_dataset[0]["question"][0])
 
 
+def held_out_spec(dataset: str) -> str:
+    """The dataset the held-out comparison reads: GSM8K's test split for GSM8K's training
+    data, else the run's own spec (drawn with another seed by the caller)."""
+    from jaxpost.data import parse_dataset_spec
+
+    spec = parse_dataset_spec(dataset)
+    if spec.kind == "gsm8k" and spec.arg in (None, "train"):
+        return "gsm8k:test"
+    return dataset
+
+
+# Added to the run's seed for the held-out examples: reasoning-gym draws new ones.
+HELD_OUT_SEED_OFFSET = 1000
+
+
+def held_out_comparison(config: ColabTrainingConfig, session: ColabSession,
+                        num_examples: int | None = None) -> Comparison:
+    """Base model against the trained run on held-out examples, greedy; prints the table.
+
+    The examples are GSM8K's test split for a GSM8K run, else the run's task drawn with
+    ``seed + 1000``; the trained side is the run's latest checkpoint (GRPO's, or the SFT
+    warm-up's when the run had no GRPO steps). Format rate and accuracy are read together:
+    format up with accuracy down would be reward hacking.
+
+    Args:
+      num_examples: default ``config.final_eval_examples``.
+    """
+    n = num_examples or config.final_eval_examples
+    data = held_out_spec(config.dataset)
+    seed = config.seed + HELD_OUT_SEED_OFFSET
+    result = compare(config.model, lora_a=None, lora_b=config.output_dir, data=data,
+                     num_examples=n, max_new_tokens=config.max_new_tokens,
+                     batch_size=min(8, n), seed=seed, loaded=session.loaded)
+    print(f"jaxpost: held-out comparison on {n} examples of {data} (seed {seed}), greedy\n"
+          f"{result.table()}", flush=True)
+    return result
+
+
 def run_full_pipeline(config: ColabTrainingConfig, *, credentials: Credentials | None = None
                       ) -> tuple[ColabSession, TrainerState, Path]:
-    """Prepares, trains (resuming if a checkpoint exists), exports and quick-tests.
+    """Prepares, runs the SFT warm-up (when ``sft_steps`` > 0) and GRPO (when there are
+    GRPO steps), each resuming from its checkpoints, then exports, quick-tests, and
+    compares base and trained models on held-out examples (``final_eval_examples``).
 
     Prints the mean reward of the first and last steps.
 
@@ -133,11 +177,15 @@ def run_full_pipeline(config: ColabTrainingConfig, *, credentials: Credentials |
     t0 = time.time()
     print(describe(config), flush=True)
     session = prepare_colab_session(config, credentials=credentials)
+    train_sft(config, session)
     state = train_grpo(config, session)
     path = export_checkpoint(config, state)
     quick_test(config, session, trainer_state=state)
+    if config.final_eval_examples > 0:
+        held_out_comparison(config, session)
     first, last = state.reward_at("first"), state.reward_at("last")
     if first is not None:
         print(f"jaxpost: mean reward of the first steps {first:.3f}, of the last steps "
-              f"{last:.3f} ({time.time() - t0:.0f}s in all)", flush=True)
+              f"{last:.3f}", flush=True)
+    print(f"jaxpost: done in {time.time() - t0:.0f}s", flush=True)
     return session, state, path

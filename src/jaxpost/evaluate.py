@@ -377,7 +377,7 @@ def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
     if not (path / CONFIG_FILE).is_file():
         raise ValueError(f"lora={str(lora)!r} holds neither {ADAPTER_FILE} (a LoRA export) nor "
                          f"{CONFIG_FILE} (a training run's output_dir)")
-    ckpt_dir = tunix_adapter.actor_checkpoint_dir(path / "checkpoints")
+    ckpt_dir = tunix_adapter.final_checkpoint_dir(path / "checkpoints")
     step = tunix_adapter.latest_checkpoint_step(ckpt_dir)
     if step is None:
         raise ValueError(f"lora={str(lora)!r} is a run directory without a finished checkpoint "
@@ -394,7 +394,7 @@ def _adapted_model(loaded, adapters: _Adapters):
     if adapters.kind == "export":
         return load_lora_export(adapters.path, loaded)
     config = adapters.config
-    ckpt_dir = tunix_adapter.actor_checkpoint_dir(adapters.path / "checkpoints")
+    ckpt_dir = tunix_adapter.final_checkpoint_dir(adapters.path / "checkpoints")
     _, arrays = checkpoint_lora_arrays(ckpt_dir, adapters.step)
     model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank, alpha=config.lora_alpha,
                        target_modules=config.lora_target_modules)

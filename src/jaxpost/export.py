@@ -141,7 +141,7 @@ def export_checkpoint(config: ColabTrainingConfig, trainer_state=None,
     from jaxpost import tunix_adapter
     from jaxpost.train import read_metrics
 
-    ckpt_dir = tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)
+    ckpt_dir = tunix_adapter.final_checkpoint_dir(config.checkpoint_dir)
     step, arrays = checkpoint_lora_arrays(ckpt_dir)
     history = read_metrics(config.output_dir)
     rewards = [h["reward"] for h in history if "reward" in h]
@@ -165,8 +165,8 @@ def checkpoint_lora_arrays(checkpoint_dir, step: int | None = None) -> tuple[int
     """A training checkpoint's LoRA parameters, named as in an export.
 
     Args:
-      checkpoint_dir: the actor's checkpoint directory
-        (``tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)``).
+      checkpoint_dir: a stage's checkpoint directory, e.g.
+        ``tunix_adapter.final_checkpoint_dir(config.checkpoint_dir)``.
       step: the checkpoint step; the latest finished one when None.
 
     Returns:

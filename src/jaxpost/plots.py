@@ -1,5 +1,5 @@
 """Training curves of a run: reward (total and per reward function), KL, loss and
-completion length by step.
+completion length by step, and the SFT warm-up's loss.
 
 Read from the run directory's ``metrics.jsonl`` (:func:`jaxpost.train.read_metrics`), so
 they can be drawn during a run, after it, or in a new session. Drawn with matplotlib's
@@ -22,11 +22,12 @@ CURVES = (
     ("kl", "KL to the reference"),
     ("loss", "GRPO loss"),
     ("completion_length", "completion length (tokens)"),
+    ("sft/loss", "SFT warm-up loss (by its own steps)"),
 )
 
 
 def training_figure(output_dir: str | os.PathLike) -> Figure:
-    """A 2x2 figure of the run's curves; a metric never logged says so in its panel.
+    """A 2x3 figure of the run's curves; a metric never logged says so in its panel.
 
     The reward panel draws the total reward and, with a legend, each reward function's
     batch mean (``rewards/<name>`` in ``metrics.jsonl``, weights applied).
@@ -40,10 +41,13 @@ def training_figure(output_dir: str | os.PathLike) -> Figure:
     if not rows:
         raise FileNotFoundError(f"{Path(output_dir) / METRICS_FILE} holds no metrics: train "
                                 "first (train_grpo or run_full_pipeline with this output_dir)")
-    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    fig = Figure(figsize=(14, 6.5), layout="constrained")
     FigureCanvasAgg(fig)
     per_reward = sorted({k for r in rows for k in r if k.startswith("rewards/")})
-    for ax, (name, title) in zip(fig.subplots(2, 2).flat, CURVES):
+    axes = fig.subplots(2, 3).flat
+    for ax in axes[len(CURVES):]:
+        ax.set_axis_off()
+    for ax, (name, title) in zip(axes, CURVES):
         ax.set_title(title)
         ax.set_xlabel("step")
         # The total last, in black on top: it often equals one function's curve.

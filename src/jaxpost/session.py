@@ -27,6 +27,8 @@ class ColabSession:
       credentials: secrets for hubs, owned by the session and never saved with a run.
       judge: the judge bound into the rubric reward (``jaxpost.judges``), or None when
         no reward needs one; training logs its ``stats``.
+      demonstrations: the SFT warm-up's demonstrations (``jaxpost.demonstrations``),
+        empty when ``sft_steps`` is 0.
     """
 
     loaded: LoadedModel
@@ -37,6 +39,7 @@ class ColabSession:
     template: str
     credentials: Any = None
     judge: Any = None
+    demonstrations: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         """One line: platform, devices, mesh, model, parameter and LoRA parameter counts."""
@@ -59,6 +62,8 @@ def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> None:
     later on the KV-cache size; this names the setting to change instead.
     """
     prompts = {str(p) for batch in dataset for p in batch["prompts"]}
+    if not prompts:
+        return
     longest = max(len(tokenizer.encode(p)) for p in prompts)
     if longest > max_prompt_length:
         raise ValueError(
@@ -102,10 +107,20 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     template = resolve_chat_template(config.model, config.chat_template)
     check_reward_config(config)
     train_ds, eval_ds = prepare_datasets(config)
+    demonstrations = []
+    if config.sft_steps > 0:
+        from jaxpost.demonstrations import load_demonstrations
+
+        demonstrations = load_demonstrations(
+            config.sft_data, dataset=config.dataset, seed=config.seed,
+            max_examples=config.max_examples, reasoning_tag=config.reasoning_tag,
+            answer_tag=config.answer_tag)
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, mesh_fsdp=config.mesh_fsdp,
                             mesh_tp=config.mesh_tp, seed=config.seed)
-    check_prompt_lengths(train_ds, loaded.tokenizer, config.max_prompt_length)
+    for dataset in (train_ds, eval_ds):
+        if dataset is not None:
+            check_prompt_lengths(dataset, loaded.tokenizer, config.max_prompt_length)
     # Built after the model: the default model judge is the frozen base model itself.
     judge = build_judge(config, loaded, template=template) if uses_judge(config) else None
     reward_fns = create_reward_functions(config, judge=judge)
@@ -113,6 +128,6 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
                             alpha=config.lora_alpha, target_modules=config.lora_target_modules,
                             seed=config.seed)
     session = ColabSession(loaded, lora_model, train_ds, eval_ds, reward_fns, template,
-                           credentials, judge)
+                           credentials, judge, demonstrations)
     print(f"jaxpost: {session.summary()} (ready in {time.time() - t0:.0f}s)", flush=True)
     return session

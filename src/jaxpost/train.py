@@ -34,7 +34,7 @@ class TrainerState:
     Attributes:
       config: the config that ran.
       lora_model: the trained policy (base model plus trained LoRA adapters).
-      step: the last optimizer step completed.
+      step: the last optimizer step completed (the SFT warm-up's in a run without GRPO steps).
       resumed_from: the checkpoint step the run resumed from (None for a fresh run).
       history: one dict per step: ``{"step": n, "rewards/...": x, "loss": y, ...}``.
       checkpoint_dir: where the Orbax checkpoints are.
@@ -82,6 +82,9 @@ _METRIC_NAMES = {
     "actor/kl": "kl",
     "actor/grad_norm": "grad_norm",
     "completions/mean_length": "completion_length",
+    # The SFT warm-up's trainer (jaxpost.sft) logs under the "sft" prefix.
+    "sft/loss": "sft/loss",
+    "sft/grad_norm": "sft/grad_norm",
 }
 # Rewards, completions and the judge's work are logged while rolling out for step n + 1,
 # under step n.
@@ -115,12 +118,19 @@ class MetricsRecorder:
     With ``wandb_run`` (a Weights & Biases run), every recorded value is also logged
     there, against the ``step`` metric (rollout metrics arrive one step ahead of the loss,
     so W&B's own monotonic step cannot be used).
+
+    ``stage="sft"`` records the SFT warm-up instead (``sft/loss``, ``sft/grad_norm``,
+    ``sft/learning_rate``, ``sft/step_seconds``), by its own steps.
     """
 
     def __init__(self, path: Path, total_steps: int, log_every: int, schedule=None,
-                 wandb_run=None):
+                 wandb_run=None, stage: str = "grpo"):
+        if stage not in ("grpo", "sft"):
+            raise ValueError(f"stage={stage!r} is invalid: 'grpo' or 'sft'")
         self.path = path
         self.wandb_run = wandb_run
+        self.stage = stage
+        self._prefix = "sft/" if stage == "sft" else ""
         # Each step's learning rate, evaluated once for the whole run: called at each
         # step from Tunix's logging, an optax schedule compiled its operations again
         # every time (about 0.4 s per step on a CPU).
@@ -141,23 +151,28 @@ class MetricsRecorder:
         if parsed is None or self._file.closed:
             return
         name, offset = parsed
+        if name.startswith("sft/") != (self.stage == "sft"):
+            return  # the other stage's event
         step = int(kwargs.get("step", 0)) + offset
         value = float(value)
-        if name == "loss" and not math.isfinite(value):
+        loss = self._prefix + "loss"
+        if name == loss and not math.isfinite(value):
+            rate = "sft_learning_rate" if self.stage == "sft" else "learning_rate"
             raise TrainingDiverged(
-                f"loss became {value} at step {step}; training stopped and the last good "
-                f"checkpoint was kept. Lower learning_rate or max_grad_norm and rerun.")
+                f"{name} became {value} at step {step}; training stopped and the last good "
+                f"checkpoint was kept. Lower {rate} or max_grad_norm and rerun.")
         self._put(step, name, value)
-        if name == "loss":
+        if name == loss:
             # Wall time between consecutive loss reports. Tunix reports a step's loss
             # after it has run the next step's rollout, so the first interval also holds
             # the second rollout and the last holds only an update; the intervals add up
             # to the run's time (benchmarks/grpo_step.py times steps by their rollouts).
             now = time.time()
-            self._put(step, "step_seconds", now - self._t_step)
+            self._put(step, self._prefix + "step_seconds", now - self._t_step)
             self._t_step = now
             if self.learning_rates is not None and 0 < step <= self.total_steps:
-                self._put(step, "learning_rate", float(self.learning_rates[step - 1]))
+                self._put(step, self._prefix + "learning_rate",
+                          float(self.learning_rates[step - 1]))
             self._report(step)
         self._file.flush()
 
@@ -176,8 +191,11 @@ class MetricsRecorder:
         self._printed.add(step)
         row = self.rows.get(step, {})
         now = time.time()
-        parts = [f"step {step}/{self.total_steps}"]
-        for key, fmt in (("reward", "reward {:.3f}"), ("kl", "kl {:.4f}"), ("loss", "loss {:.4f}")):
+        parts = [f"{'SFT ' if self.stage == 'sft' else ''}step {step}/{self.total_steps}"]
+        keys = ((("sft/loss", "loss {:.4f}"), ("sft/learning_rate", "lr {:.2e}"))
+                if self.stage == "sft" else
+                (("reward", "reward {:.3f}"), ("kl", "kl {:.4f}"), ("loss", "loss {:.4f}")))
+        for key, fmt in keys:
             if key in row:
                 parts.append(fmt.format(row[key]))
         parts.append(f"{now - self._t_last:.1f}s")
@@ -238,7 +256,9 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
 
     Rerunning with the same ``output_dir`` continues from the newest finished checkpoint
     (LoRA weights, optimizer state, step; the data iterator is fast-forwarded to the
-    same position) instead of starting over, and says so.
+    same position) instead of starting over, and says so. With no GRPO steps
+    (``max_steps=0``: the SFT warm-up alone) it trains nothing and returns the session's
+    model as it is.
 
     Returns:
       The trainer state after the last step.
@@ -249,6 +269,13 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     from jaxpost import tunix_adapter
     from jaxpost.data import num_train_batches
 
+    if config.total_steps == 0:
+        sft_step = tunix_adapter.latest_checkpoint_step(
+            tunix_adapter.sft_checkpoint_dir(config.checkpoint_dir))
+        print("jaxpost: no GRPO steps (max_steps=0)", flush=True)
+        return TrainerState(config=config, lora_model=session.lora_model, step=sft_step or 0,
+                            resumed_from=None, history=read_metrics(config.output_dir),
+                            checkpoint_dir=Path(config.checkpoint_dir))
     needed = num_train_batches(config)
     if len(session.train_dataset) < needed:
         raise ValueError(

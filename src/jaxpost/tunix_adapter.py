@@ -22,7 +22,7 @@ from tunix.rl import utils as rl_utils
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
-from tunix.sft import metrics_logger
+from tunix.sft import metrics_logger, peft_trainer
 
 from jaxpost import fast_logits
 
@@ -449,11 +449,61 @@ def build_grpo_learner(cluster, config: Any, reward_fns: list[Callable],
                                     metric_fns=list(metric_fns) or None)
 
 
+def build_sft_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, *,
+                      checkpoint_dir: str, tensorboard_dir: str, max_steps: int,
+                      save_interval_steps: int, max_to_keep: int,
+                      metric_backends: Sequence[Callable[[], Any]], loss_fn: Callable):
+    """Tunix's ``PeftTrainer`` for the SFT warm-up (``jaxpost.sft``).
+
+    It restores the newest checkpoint under ``checkpoint_dir`` (LoRA weights and
+    optimizer state) when built, skips the batches already trained, saves every
+    ``save_interval_steps`` and at the end, and logs ``sft/train/<metric>``. Batches are
+    dicts passed to ``loss_fn(model, **batch)`` as keyword arguments. As in GRPO, the
+    step updates only the LoRA weights (:func:`keep_frozen_weights_in_place`).
+    """
+    training = peft_trainer.TrainingConfig(
+        eval_every_n_steps=10**9,
+        max_steps=max_steps,
+        checkpoint_root_directory=checkpoint_dir,
+        checkpointing_options=ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps, max_to_keep=max_to_keep),
+        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+            log_dir=tensorboard_dir, flush_every_n_steps=1,
+            backend_kwargs={"custom_backend": list(metric_backends)}),
+        metrics_prefix="sft",
+        pbar_description=None,
+    )
+    trainer = peft_trainer.PeftTrainer(model, optimizer, training)
+    trainer.with_loss_fn(loss_fn)
+    keep_frozen_weights_in_place(trainer)
+    return trainer
+
+
 def actor_checkpoint_dir(checkpoint_dir) -> str:
     """Where Tunix's trainer writes the actor's checkpoints under ``checkpoint_dir``."""
     import os
 
     return os.path.join(os.path.abspath(checkpoint_dir), "actor")
+
+
+def sft_checkpoint_dir(checkpoint_dir) -> str:
+    """Where the SFT warm-up's trainer writes its checkpoints under ``checkpoint_dir``."""
+    import os
+
+    return os.path.join(os.path.abspath(checkpoint_dir), "sft")
+
+
+def final_checkpoint_dir(checkpoint_dir) -> str:
+    """The checkpoints holding a run's latest LoRA weights under ``checkpoint_dir``: GRPO's
+    (``actor``) once it has one, else the SFT warm-up's (``sft``), else GRPO's (which
+    then holds none, for the caller's error message)."""
+    import os
+
+    actor = actor_checkpoint_dir(checkpoint_dir)
+    sft = sft_checkpoint_dir(checkpoint_dir)
+    if latest_checkpoint_step(actor) is None and latest_checkpoint_step(sft) is not None:
+        return sft
+    return actor
 
 
 def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
