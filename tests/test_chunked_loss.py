@@ -330,3 +330,23 @@ def test_layer_inputs_are_kept_only_for_the_policys_frozen_weights(policy):
     nnx.update(other_policy, nnx.state(model, nnx.LoRAParam))
     assert not keep_layer_inputs(make_sampler(other_policy, other, cache_size=16), model)
     assert keep_layer_inputs(make_sampler(model, loaded, cache_size=16), model)
+
+
+def test_chunked_logps_gradient_in_bfloat16():
+    """bfloat16 hidden states get a bfloat16 cotangent, close to the float32 one."""
+    from jaxpost.fast_logits import _chunk_logps
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    embedding = jax.random.normal(k1, (64, 16), jnp.float32)
+    hidden = jax.random.normal(k2, (8, 16), jnp.float32)
+    targets = jax.random.randint(k3, (8,), 0, 64)
+    weights = jnp.linspace(0.5, 1.5, 8)
+
+    def loss(h, e):
+        logps, _ = _chunk_logps(e, h, targets, 0.7)
+        return jnp.sum(weights * logps)
+
+    exact = jax.grad(loss)(hidden, embedding)
+    low = jax.grad(loss)(hidden.astype(jnp.bfloat16), embedding.astype(jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16 and exact.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(low, np.float32), exact, rtol=0.05, atol=0.05)

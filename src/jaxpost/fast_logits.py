@@ -1021,13 +1021,14 @@ def _chunk_logps_fwd(embedding, hidden, targets, temperature):
     grad_hidden = (embedding[targets].astype(jnp.float32) - expected)
     if temperature not in (0.0, 1.0):
         grad_hidden = grad_hidden / temperature
-    return (logps, entropy), grad_hidden
+    # Kept in the hidden states' dtype: their cotangent must have it (bfloat16 models).
+    return (logps, entropy), grad_hidden.astype(hidden.dtype)
 
 
 def _chunk_logps_bwd(temperature, grad_hidden, cotangents):
     g_logps, _ = cotangents  # entropy is reported without a gradient
     # The embedding is frozen under LoRA (``completion_logps`` checks it), so it gets no
-    # cotangent; targets are integers.
+    # cotangent; targets are integers. The cotangent of the hidden states has their dtype.
     return None, (g_logps[:, None] * grad_hidden).astype(grad_hidden.dtype), None
 
 
