@@ -67,7 +67,10 @@ def training_figure(output_dir: str | os.PathLike) -> Figure:
                     transform=ax.transAxes)
         elif len(names) > 1:
             ax.legend(fontsize="small")
-    fig.suptitle(f"{Path(output_dir).name}: {len(rows)} steps")
+    sft_steps = sum("sft/loss" in r for r in rows)
+    grpo_steps = sum(any(k != "step" and not k.startswith("sft/") for k in r) for r in rows)
+    stages = [f"{sft_steps} SFT steps"] if sft_steps else []
+    fig.suptitle(f"{Path(output_dir).name}: {', '.join(stages + [f'{grpo_steps} GRPO steps'])}")
     return fig
 
 
