@@ -3,8 +3,8 @@
     Config -> Session -> TrainerState -> exported checkpoint -> evaluation report
 
 This module is a thin facade over ``config``, ``platform``, ``credentials``, ``session``,
-``sft``, ``train``, ``export``, ``evaluate`` and ``plots``; the notebook (``demo/train_colab.ipynb``) and
-``jaxpost train`` call only these.
+``sft``, ``train``, ``export``, ``evaluate`` and ``plots``; the notebook
+(``demo/train_colab.ipynb``) and ``jaxpost train`` call only these.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def _first_eval_question(session: ColabSession) -> str | None:
 
 def held_out_spec(dataset: str) -> str:
     """The dataset the held-out comparison reads: GSM8K's test split for GSM8K's training
-    data, else the run's own spec (drawn with another seed by the caller)."""
+    data, else the run's own spec (drawn with another seed by the caller). A local file
+    read with another seed is only reordered: point ``jaxpost eval`` at its test file."""
     from jaxpost.data import parse_dataset_spec
 
     spec = parse_dataset_spec(dataset)
