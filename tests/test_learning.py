@@ -43,16 +43,18 @@ def test_mean_reward_rises(tmp_path, space_reward):
 
 def test_sft_warm_up_teaches_the_format(tmp_path, embedded):
     """A few warm-up steps on the embedded Gemma 3 270M take its format rate on 8 held-out
-    prompts from 0 (it repeats the prompt) to at least 0.75."""
+    prompts from 0 (it repeats the prompt) to at least 0.75 (measured: 1.0 on 32 after
+    these 20 steps; 12 steps left the end of the turn unlearned)."""
     from jaxpost.colab_pipeline import held_out_comparison, train_sft
     from jaxpost.session import prepare_session
 
     config = dataclasses.replace(
-        get_preset("default"), output_dir=str(tmp_path), sft_steps=12,
-        sft_learning_rate=2e-3, max_steps=0, save_interval_steps=100, max_new_tokens=32)
+        get_preset("default"), output_dir=str(tmp_path), sft_steps=20,
+        sft_learning_rate=2e-3, max_steps=0, save_interval_steps=100)
     session = prepare_session(config, loaded=embedded)
     state = train_sft(config, session)
     assert state.losses[-1] < state.losses[0] / 4, state.losses
     result = held_out_comparison(config, session, num_examples=8)
     assert result.a.metrics["format_rate"] == 0.0
-    assert result.b.metrics["format_rate"] >= 0.75, result.table()
+    completions = [e["completions"][0] for e in result.b.examples]
+    assert result.b.metrics["format_rate"] >= 0.75, (result.table(), completions)
