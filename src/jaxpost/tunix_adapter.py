@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -54,6 +55,12 @@ def grpo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwarg
                   or getattr(algo_config, "epsilon_c", None) is not None
                   or algo_config.loss_algo != "grpo")
     if not isinstance(model, Gemma3TrimmedLogits) or tunix_only:
+        # Logged when the step is traced, i.e. once per compilation, not per step.
+        why = (f"{type(model).__name__} is not a Gemma 3 model" if not tunix_only else
+               "this GRPO variant (segment ids, sampler weights, epsilon_c or another "
+               "loss_algo) is Tunix's alone")
+        logging.getLogger(__name__).info(
+            "GRPO loss: Tunix's full-logits loss, not jaxpost's chunked one: %s", why)
         return algo_core.grpo_loss_fn(model, train_example, algo_config, pad_id, eos_id,
                                       **kwargs)
     import jax.numpy as jnp
