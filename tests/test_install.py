@@ -1,5 +1,5 @@
-"""jaxpost.install: the pip command each runtime gets, from pyproject.toml's repository
-URL, and when the runtime must restart.
+"""jaxpost.install, the notebook's install cell: the pip command each runtime gets, when the
+runtime must restart, and the cell being the module's code with pyproject.toml's URL.
 
 pip never runs here: the command lists are checked, and :func:`install` gets a stand-in
 for the pip process. The runtimes are described by the probes the module reads (the
@@ -8,17 +8,22 @@ environment, device files, ``nvidia-smi`` on ``PATH``), as those machines expose
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import importlib.metadata
 import sys
 import tomllib
 from pathlib import Path
 
+import nbformat
 import pytest
+from packaging.requirements import Requirement
 
 from jaxpost import install
 
 REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "demo" / "train_colab.ipynb"
+MODULE = REPO / "src" / "jaxpost" / "install.py"
 REPOSITORY = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 PIP = [sys.executable, "-m", "pip", "install", "-q"]
 
@@ -60,8 +65,11 @@ def test_each_runtime_gets_the_extra_for_its_accelerator_from_the_repository(run
     environ, paths, nvidia_smi, accelerator, extra = RUNTIMES[runtime]
     probes = dict(glob_paths=fake_glob(*paths), which=which_nvidia_smi(nvidia_smi))
     assert install.detect_accelerator(environ, **probes) == accelerator
-    assert install.pip_command(accelerator, glob_paths=probes["glob_paths"]) == (
-        PIP + [f"jaxpost{extra} @ git+{REPOSITORY}"])
+    command = install.pip_command(accelerator, glob_paths=probes["glob_paths"])
+    assert command == PIP + [f"jaxpost{extra} @ git+{REPOSITORY}"]
+    requirement = Requirement(command[-1])  # what pip parses (PEP 508)
+    assert (requirement.name, requirement.extras, requirement.url) == (
+        "jaxpost", {extra.strip("[]")} - {""}, f"git+{REPOSITORY}")
 
 
 @pytest.mark.parametrize("environ", [{"TPU_ACCELERATOR_TYPE": "v2-8"},
@@ -194,3 +202,61 @@ def test_run_streaming_prints_the_output_and_returns_the_status(capsys):
                                "sys.exit(3)"])
     assert status == 3
     assert capsys.readouterr().out.splitlines() == ["out", "err"]
+
+
+def install_cell():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cells = [c for c in nb.cells
+             if c.cell_type == "code" and "install" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    return cells[0]
+
+
+def test_the_notebook_install_cell_is_the_module():
+    assert install_cell().source == MODULE.read_text().rstrip("\n"), (
+        "the notebook's install cell differs from src/jaxpost/install.py; regenerate it: "
+        "python demo/sync_notebook.py")
+
+
+def test_the_install_cell_needs_only_the_standard_library():
+    tree = ast.parse(install_cell().source)
+    imported = {alias.name.partition(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.partition(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported and imported <= sys.stdlib_module_names, imported - sys.stdlib_module_names
+    # A notebook runs a cell as __main__, so the cell ends by installing.
+    last = tree.body[-1]
+    assert isinstance(last, ast.If) and ast.unparse(last) == (
+        "if __name__ == '__main__':\n    install()")
+
+
+def test_the_install_cell_computes_the_same_commands_without_jaxpost():
+    namespace = {"__name__": "install_cell"}  # not __main__: define, do not install
+    exec(compile(install_cell().source, "install_cell", "exec"), namespace)
+    environ, paths, nvidia_smi, accelerator, _ = RUNTIMES["kaggle_tpu_v5e8"]
+    found = namespace["detect_accelerator"](environ, fake_glob(*paths),
+                                            which_nvidia_smi(nvidia_smi))
+    assert found == accelerator
+    assert namespace["pip_command"](found) == PIP + [f"jaxpost[tpu] @ git+{REPOSITORY}"]
+
+
+def test_sync_writes_the_module_into_the_cell_and_the_export(tmp_path):
+    sys.path.insert(0, str(REPO / "demo"))
+    try:
+        import sync_notebook
+    finally:
+        sys.path.remove(str(REPO / "demo"))
+    import jupytext
+
+    notebook, exported = tmp_path / "nb.ipynb", tmp_path / "nb.py"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if "install" in c.metadata.get("tags", []))
+    cell.source = "%pip install jaxpost"
+    nbformat.write(nb, notebook)
+    sync_notebook.sync(notebook, exported)
+    synced = nbformat.read(notebook, as_version=4)
+    assert [c.source for c in synced.cells] == [
+        c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells]
+    assert [c.source.strip() for c in jupytext.read(exported).cells] == [
+        c.source.strip() for c in synced.cells]
