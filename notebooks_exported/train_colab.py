@@ -15,7 +15,7 @@
 # %% [markdown]
 # # jaxpost: teach a model to show its work, on Colab or Kaggle
 #
-# GRPO post-training on [Tunix](https://github.com/google/tunix) with LoRA: the model learns to answer as `<reasoning>...</reasoning><answer>...</answer>`. Every code cell is one call into the `jaxpost` package, where the logic lives and is tested; run the cells top to bottom.
+# GRPO post-training on [Tunix](https://github.com/google/tunix) with LoRA: the model learns to answer as `<reasoning>...</reasoning><answer>...</answer>`. Every code cell after the install is one call into the `jaxpost` package, where the logic lives and is tested; run the cells top to bottom.
 #
 # Runtime: a TPU (Colab: *Runtime > Change runtime type > TPU v2-8* or *v5e-1*; Kaggle: *Settings > Accelerator > TPU v5e-8*), a GPU, or the CPU.
 
