@@ -29,7 +29,8 @@
 
 This module is the notebook's install cell, word for word (``demo/sync_notebook.py``
 copies it there; a test checks the copy), so it runs before jaxpost exists: it imports
-the standard library only. Also ``python -m jaxpost.install`` or ``python install.py``.
+the standard library only. In a shell: ``python src/jaxpost/install.py`` (not ``python -m
+jaxpost.install``, which would import the jaxpost it is about to replace).
 
 * :func:`detect_accelerator` tells a TPU, an NVIDIA GPU or neither from device files, a
   program on ``PATH`` and environment variables (JAX itself is not imported: a notebook
