@@ -231,7 +231,7 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## 2. Settings
 #
-# `PRESET = "auto"` picks the preset sized for this runtime's accelerator (`colab_tpu`, `colab_tpu_v5e1`, `kaggle_tpu`, `gpu`, `cpu`; see the README); name one to choose it yourself, or `smoke` for a tiny test run. An empty string keeps the preset's value. Each setting can also come from an environment variable, which is how the tests run this notebook.
+# `PRESET = "auto"` picks the preset sized for this runtime's accelerator (`colab_tpu`, `colab_tpu_v5e1`, `kaggle_tpu`, `gpu`, `cpu`; see the README); name one to choose it yourself, or `smoke` for a tiny test run. `ALGORITHM` names the RL objective (`grpo` by default; see the README's *Algorithms*). An empty string keeps the preset's value. Each setting can also come from an environment variable, which is how the tests run this notebook.
 
 # %% tags=["parameters"]
 import os
@@ -240,6 +240,7 @@ PRESET = os.environ.get("JAXPOST_PRESET", "auto")
 OUTPUT_DIR = os.environ.get("JAXPOST_OUTPUT_DIR", "")
 MAX_STEPS = os.environ.get("JAXPOST_MAX_STEPS", "")
 SAVE_TO_DRIVE = os.environ.get("JAXPOST_SAVE_TO_DRIVE", "")
+ALGORITHM = os.environ.get("JAXPOST_ALGORITHM", "")  # grpo, dapo, dr_grpo, gspo, rloo
 TEST_QUESTION = "A baker makes 23 muffins and sells 8. How many are left?"
 
 # %% [markdown]
@@ -265,7 +266,7 @@ credentials
 # %%
 accelerator = detect_platform()
 config = make_config(PRESET, accelerator, output_dir=OUTPUT_DIR, max_steps=MAX_STEPS,
-                     save_to_drive=SAVE_TO_DRIVE)
+                     save_to_drive=SAVE_TO_DRIVE, algorithm=ALGORITHM)
 print(accelerator)
 
 # %% [markdown]
