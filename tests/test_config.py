@@ -240,3 +240,10 @@ def test_describe_mentions_key_settings():
     text = describe(get_preset("smoke"))
     for piece in ("random:gemma3-tiny", "reasoning-gym:basic_arithmetic", "G=2", "runs/smoke"):
         assert piece in text
+
+
+def test_every_model_source_form_load_model_takes_is_accepted():
+    """One list of prefixes: the config accepts what jaxpost.models.load_model loads."""
+    assert ColabTrainingConfig(model="gguf:/models/tiny.gguf").model == "gguf:/models/tiny.gguf"
+    with pytest.raises(ValueError, match="gguf:PATH"):
+        ColabTrainingConfig(model="s3:bucket/model")

@@ -33,8 +33,10 @@ DEFAULT_SYSTEM_PROMPT = (
     "<answer> and </answer>."
 )
 
-MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle")
-_MODEL_FORMS = "embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, kaggle:HANDLE"
+# Model source prefixes (jaxpost.models.load_model reads this one list).
+MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle", "gguf")
+_MODEL_FORMS = ("embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, "
+                "kaggle:HANDLE, gguf:PATH")
 DTYPES = ("float32", "bfloat16")
 # The RL objective (see jaxpost.tunix_adapter.build_rl_learner): GRPO and its relatives,
 # all run by Tunix's GRPO-family learners on the same rollouts.

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpost import cache, fast_logits
+from jaxpost.config import MODEL_PREFIXES
 from jaxpost.mesh import make_mesh, use_mesh
 
 SOURCE_FORMS = (
@@ -415,7 +416,7 @@ def load_model(
     check_tensor_parallel(source, mesh.shape["tp"] if mesh is not None else mesh_tp)
     mesh = mesh or make_mesh(mesh_fsdp, mesh_tp)
     prefix, sep, rest = source.partition(":")
-    if sep and "/" not in prefix and prefix in ("embedded", "random", "hf", "kaggle", "gguf"):
+    if sep and "/" not in prefix and prefix in MODEL_PREFIXES:
         if prefix == "embedded":
             if rest not in EMBEDDED_MODELS:
                 raise _source_error(source, f"unknown embedded model {rest!r}")
