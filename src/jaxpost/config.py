@@ -19,8 +19,14 @@ from typing import Any
 
 import yaml
 
-from jaxpost.judges import JUDGE_KINDS, REFERENCE_JUDGE
-from jaxpost.rubrics import AGGREGATIONS, CATEGORIES, DEFAULT_CATEGORY_WEIGHTS
+# Rubric and judge vocabularies, here so that importing the config imports no JAX
+# (jaxpost.rubrics and jaxpost.judges use these).
+JUDGE_KINDS = ("model", "api", "lexical")
+REFERENCE_JUDGE = "reference"
+CATEGORIES = ("essential", "important", "optional", "pitfall")
+# RaR's own scale: Essential 5, Important 3-4, Optional 1-2, Pitfall -1 to -2.
+DEFAULT_CATEGORY_WEIGHTS = (5.0, 3.0, 1.0, 2.0)
+AGGREGATIONS = ("explicit", "implicit")
 
 DEFAULT_LORA_TARGETS = (
     ".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
