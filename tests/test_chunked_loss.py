@@ -12,6 +12,7 @@ from flax import nnx
 from tunix.rl import algo_core, common
 from tunix.rl.grpo.grpo_learner import GRPOConfig
 
+from jaxpost import fast_logits
 from jaxpost.config import ALGORITHMS, ColabTrainingConfig
 from jaxpost.fast_logits import _packing_group, completion_logps, prompt_group_size
 from jaxpost.lora import apply_lora
@@ -115,6 +116,23 @@ def test_chunked_logps_match_full_logits(policy):
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-5)
     vocab = loaded.model_config.num_embed
     assert np.all(np.asarray(entropy) > 0) and np.all(np.asarray(entropy) <= np.log(vocab) + 1e-3)
+
+
+def _chunks_scanned(model, example) -> list[int]:
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, p, c: completion_logps(nnx.merge(graphdef, s), p, c, 0))(
+        state, example.prompt_ids, example.completion_ids)
+    return [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+
+
+@pytest.mark.parametrize("rows,chunks", [(5, 5), (7, 3), (64, 1)])
+def test_default_chunk_is_the_backends(policy, monkeypatch, rows, chunks):
+    """Without chunk_rows, the chunk size is LOGPS_CHUNK_ROWS' for JAX's backend."""
+    loaded, model = policy
+    example = _example(loaded, batch=3, comp_len=7)  # 21 rows
+    monkeypatch.setitem(fast_logits.LOGPS_CHUNK_ROWS, jax.default_backend(), rows)
+    assert fast_logits.logps_chunk_rows() == rows
+    assert _chunks_scanned(model, example) == [chunks]
 
 
 def test_recomputed_layers_give_the_same_loss_and_gradients(policy):

@@ -1035,13 +1035,33 @@ def _chunk_logps_bwd(temperature, grad_hidden, cotangents):
 _chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
 
 
+# Completion positions per chunk of completion_logps, by JAX backend. A chunk's logits
+# product reads the whole embedding table (2 bytes per element in bfloat16) and does
+# 2 x chunk FLOPs per element: chunk FLOPs per byte read. A TPU v5e does about 240
+# bfloat16 FLOPs per byte of memory bandwidth (197 TFLOP/s over 819 GB/s), an A100 about
+# 150 and an H100 about 300, so chunks of 64 leave them waiting on memory, and 256 rows
+# (a multiple of the TPU's 128-wide tiles) do not. (A T4 has no bfloat16 tensor cores;
+# there the size changes nothing but memory.) 256 rows cost 2 x 256 MiB of float32
+# logits and probabilities for a 262,144-entry vocabulary, which jaxpost.plan counts.
+# Chosen from these ratios, not timed on a TPU or GPU. On a CPU, chunks of 128 or 256
+# were no faster than 64 (docs/performance.md).
+LOGPS_CHUNK_ROWS = {"cpu": 64, "gpu": 256, "tpu": 256}
+
+
+def logps_chunk_rows(backend: str | None = None) -> int:
+    """Rows per chunk of :func:`completion_logps` on ``backend`` (default JAX's):
+    :data:`LOGPS_CHUNK_ROWS`, 64 for a backend it does not name."""
+    return LOGPS_CHUNK_ROWS.get(backend or jax.default_backend(), 64)
+
+
 def completion_logps(model: Gemma3TrimmedLogits, prompt_ids, completion_ids, pad_id: int,
-                     temperature: float = 1.0, chunk_rows: int = 64, prompt_group: int = 1,
-                     layer_inputs=None):
+                     temperature: float = 1.0, chunk_rows: int | None = None,
+                     prompt_group: int = 1, layer_inputs=None):
     """Per-token log-probabilities of the completion, never holding all logits at once.
 
     The unembedding and log-softmax run over ``chunk_rows`` completion positions at a
-    time, so at most one ``[vocab, chunk_rows]`` block of logits exists. The gradient
+    time (default :func:`logps_chunk_rows` for the backend), so at most one
+    ``[vocab, chunk_rows]`` block of logits exists. The gradient
     with respect to the hidden states is formed in the same pass (a custom VJP), so
     training does two vocabulary-sized matrix products per chunk instead of three, and
     the backward pass stores only ``[chunk_rows, embed]`` per chunk. The tied
@@ -1088,6 +1108,7 @@ def completion_logps(model: Gemma3TrimmedLogits, prompt_ids, completion_ids, pad
                           layer_outputs=outputs)
         hidden = hidden[:, :-1]  # [batch, comp, embed]: the states that predict each token
     rows = batch * comp
+    chunk_rows = chunk_rows or logps_chunk_rows()
     n_chunks = -(-rows // chunk_rows)
     pad_rows = n_chunks * chunk_rows - rows
     flat_h = jnp.pad(hidden.reshape(rows, -1), ((0, pad_rows), (0, 0)))
