@@ -33,6 +33,16 @@ PLATFORM_PRESETS: dict[str, tuple[str, float | None]] = {
     "gpu": ("gpu", 15.0),  # a Colab/Kaggle T4
     "cpu": ("cpu", 8.0),   # host RAM
 }
+# Platform name -> (device kind, devices), for memory plans made away from the machine
+# (jaxpost.plan).
+PLATFORM_DEVICES: dict[str, tuple[str, int]] = {
+    "colab_tpu_v2_8": ("tpu", 8),
+    "colab_tpu_v5e1": ("tpu", 1),
+    "kaggle_tpu_v5e8": ("tpu", 8),
+    "tpu": ("tpu", 1),
+    "gpu": ("gpu", 1),
+    "cpu": ("cpu", 1),
+}
 _HOST_NAMES = {"colab": "Colab", "kaggle": "Kaggle", "local": "local"}
 _MAX_BATCH_SCALE = 8
 _MIN_NEW_TOKENS = 128
