@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from tunix.models.gemma3 import model as gemma3
 
+from jaxpost.cli import main
 from jaxpost.config import get_preset
 from jaxpost.fast_logits import LOGPS_CHUNK_ROWS, completion_logits_only, completion_logps
 from jaxpost.lora import apply_lora
@@ -187,3 +188,19 @@ def test_update_estimate_follows_xlas_compiled_memory(dtype, remat):
     estimate = (update_activation_bytes(rows, prompt + completion, s, itemsize, remat)
                 + logps_bytes(rows, completion, s, itemsize, LOGPS_CHUNK_ROWS["cpu"], 1, "cpu"))
     assert 0.9 <= estimate / measured <= 1.4, (estimate, measured)
+
+
+def test_cli_plans_one_preset_or_summarises_every_accelerator_preset(capsys):
+    assert main(["plan", "--preset", "colab_tpu", "--set", "max_new_tokens=512"]) == 0
+    out = capsys.readouterr().out
+    assert "--set max_new_tokens=512" in out and "512 tokens per rollout" in out
+    assert "mesh fsdp=2 x tp=4" in out and "FITS (" in out
+    assert main(["plan"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:6]] == [
+        p for p, _ in accelerator_presets()]
+    assert main(["plan", "--preset", "gpu", "--memory-gib", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "to fit, any one of: --set" in out
+    assert main(["plan", "--preset", "colab_tpu", "--devices", "4"]) == 2
+    assert "needs 8 devices" in capsys.readouterr().err

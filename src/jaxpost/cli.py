@@ -108,6 +108,28 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from jaxpost.config import apply_overrides, get_preset
+    from jaxpost.plan import accelerator_presets, memory_plan, platform_for_preset, summary
+
+    where = dict(devices=args.devices, memory_gib=args.memory_gib)
+    if args.preset is None and args.config is None:
+        plans = {}
+        for name, platform in accelerator_presets():
+            config = apply_overrides(get_preset(name), args.set or [])
+            plans[name] = memory_plan(config, platform=args.platform or platform, **where)
+        print(summary(plans))
+        print("\njaxpost plan --preset NAME shows one preset's rows")
+        return 0 if all(p.fits for p in plans.values()) else 1
+    args.preset = args.preset or "default"
+    plan = memory_plan(_config_from_args(args),
+                       platform=args.platform or platform_for_preset(args.preset), **where)
+    print(f"jaxpost plan: preset {args.preset}" + (f" with {args.config}" if args.config else "")
+          + "".join(f" --set {s}" for s in args.set or []))
+    print(plan.table())
+    return 0 if plan.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``jaxpost`` subcommand."""
     from jaxpost.config import PRESETS
@@ -197,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON summary (default eval_results.json); the per-example JSONL goes "
                         "beside it with suffix .jsonl")
     v.set_defaults(func=_cmd_eval)
+
+    from jaxpost.platform import PLATFORM_PRESETS
+
+    m = sub.add_parser(
+        "plan", help="estimate a run's memory per device from its config, loading no model",
+        description="Prints the memory per device a run needs (weights, LoRA and AdamW, KV "
+                    "cache, activations, log-prob chunks) against the device's memory, and "
+                    "what to change when it does not fit. Without --preset or --config: one "
+                    "line for each accelerator preset. Exits with 1 when a plan does not fit.")
+    m.add_argument("--preset", default=None, help=f"named preset: {', '.join(PRESETS)}")
+    m.add_argument("--config", default=None, help="a YAML file of config fields (over the preset)")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one config field (repeatable), e.g. --set max_new_tokens=512")
+    m.add_argument("--platform", default=None, choices=list(PLATFORM_PRESETS),
+                   help="plan for this platform (default: the one the preset is sized for, "
+                        "else cpu)")
+    m.add_argument("--devices", type=int, default=None, help="devices (default: the platform's)")
+    m.add_argument("--memory-gib", type=float, default=None,
+                   help="memory per device in GiB (default: the platform's)")
+    m.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("plot", help="draw a run's reward (total and per function), KL, loss "
                                     "and completion length as a PNG")
