@@ -13,8 +13,8 @@ What it counts, per device of an ``fsdp x tp`` mesh:
   in the parameter dtype (optax keeps them in the parameters' dtype); on a CPU, the
   layer inputs a rollout keeps for the update after it (:func:`jaxpost.fast_logits.keep_layer_inputs`).
 * Each phase, on top of that; the peak is the largest phase:
-  - rollout: the sampler's KV cache (Tunix creates it without sharding, so it is counted
-    whole on every device) and the sampled position's logits;
+  - rollout: the sampler's KV cache (counted whole on every device: Tunix creates it
+    without a sharding) and the sampled position's logits;
   - GRPO update (``micro_batch_size`` or ``mini_batch_size`` or ``batch_size`` prompts
     x G rows of ``max_prompt_length + max_new_tokens`` tokens): the LoRA gradients, the
     layer activations the backward pass reads, and the chunked log-probs
