@@ -487,7 +487,7 @@ def memory_plan(config: ColabTrainingConfig, *, platform: str = "cpu",
         how = f"{_gpu_fraction():g} of {memory_gib:g} GiB (JAX), less {RESERVE:.0%}"
     elif kind == "cpu":
         usable -= CPU_RUNTIME_GIB
-        how += f" and {CPU_RUNTIME_GIB:g} for Python"
+        how = f"{memory_gib:g} GiB less {RESERVE:.0%} and {CPU_RUNTIME_GIB:g} GiB for Python"
     params = sum(math.prod(shape) for _, shape, _ in weight_specs(s))
     prompts = rows // config.num_generations
     notes = (f"{s.family}: {s.num_layers} layers, {params / 1e9:.2f} B parameters; "
