@@ -284,3 +284,22 @@ def test_metrics_recorder_keeps_the_dpo_stage_and_reports_its_margin(tmp_path, c
                                        pytest.approx(0.0, abs=60), "dpo/rewards/margin": 0.125,
                                        "dpo/rewards/accuracy": 0.75,
                                        "dpo/log_probs/chosen": -12.5}]
+
+
+def test_training_curves_of_a_dpo_run_show_its_margin_and_accuracy(tmp_path):
+    from jaxpost.plots import training_figure
+
+    lines = [json.dumps({"step": 1, "name": "sft/loss", "value": 2.0})]
+    for step in (1, 2, 3):
+        for name, value in (("dpo/loss", 0.69 - 0.01 * step),
+                            ("dpo/rewards/margin", 0.1 * (step - 1)),
+                            ("dpo/rewards/accuracy", 0.5 * (step > 1))):
+            lines.append(json.dumps({"step": step, "name": name, "value": value}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    fig = training_figure(tmp_path)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:3] == ["DPO implicit reward margin (chosen - rejected)",
+                          "DPO pairs ranked right", "DPO loss"]
+    margin = fig.axes[0].lines[0].get_ydata()
+    np.testing.assert_allclose(margin, [0.0, 0.1, 0.2])
+    assert fig.get_suptitle().endswith("1 SFT steps, 3 DPO steps")
