@@ -221,12 +221,15 @@ def test_self_pairs_need_samples_that_score_differently(tmp_path):
     from jaxpost.colab_pipeline import prepare_colab_session
     from jaxpost.demonstrations import load_demonstrations
     from jaxpost.dpo import sample_self_pairs
+    from jaxpost.train import train_grpo
 
     config = dataclasses.replace(get_preset("smoke"), output_dir=str(tmp_path),
                                  algorithm="dpo", preference_data="self", num_batches=1)
     session = prepare_colab_session(config)
     with pytest.raises(ValueError, match="all 2 groups of 2 samples scored the same"):
         sample_self_pairs(config, session, end_id=1)
+    with pytest.raises(ValueError, match="trained by jaxpost.dpo.train_dpo"):
+        train_grpo(config, session)
     with_demos = dataclasses.replace(config, preference_data="self+demonstrations")
     session.demonstrations = load_demonstrations(
         "auto", dataset=config.dataset, seed=config.seed, max_examples=config.max_examples)

@@ -284,11 +284,15 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
       The trainer state after the last step.
 
     Raises:
+      ValueError: the config's algorithm is DPO, or ``output_dir`` holds DPO checkpoints.
       TrainingDiverged: when the loss becomes NaN or infinite.
     """
     from jaxpost import tunix_adapter
     from jaxpost.data import num_train_batches
 
+    if config.algorithm == "dpo":
+        raise ValueError("algorithm='dpo' is trained by jaxpost.dpo.train_dpo (which "
+                         "run_full_pipeline calls), not by train_grpo")
     if config.total_steps == 0:
         sft_step = tunix_adapter.latest_checkpoint_step(
             tunix_adapter.sft_checkpoint_dir(config.checkpoint_dir))
