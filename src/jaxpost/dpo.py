@@ -199,6 +199,7 @@ def sample_self_pairs(config: ColabTrainingConfig, session: ColabSession, *,
     sampler = make_sampler(session.lora_model, loaded,
                            cache_size=config.max_prompt_length + config.max_new_tokens)
     questions, prompts, groups, scores, ids = [], [], [], [], []
+    t0 = time.time()
     for index in range(len(pool)):
         batch = pool[index]
         rows = [str(p) for p in batch["prompts"] for _ in range(g)]
@@ -234,6 +235,8 @@ def sample_self_pairs(config: ColabTrainingConfig, session: ColabSession, *,
         for texts in groups[len(scores):]:
             scores.append(totals[start:start + len(texts)])
             start += len(texts)
+        print(f"jaxpost: DPO pairs: sampled and scored batch {index + 1}/{len(pool)} "
+              f"({time.time() - t0:.0f}s)", flush=True)
     pairs, ties = pairs_from_groups(questions, groups, scores, ids, prompts)
     with_demo = sum(1 for p in pairs if p.chosen_ids is None)
     summary = (f"{len(pairs)} pairs from {len(groups)} prompts x {g} samples "
