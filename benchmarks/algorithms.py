@@ -42,7 +42,8 @@ print("RESULT " + json.dumps({
 
 
 def main() -> None:
-    from jaxpost.config import ALGORITHMS
+    # The GRPO family: each continues the warm-up with train_grpo (DPO trains on pairs).
+    from jaxpost.config import RL_ALGORITHMS as ALGORITHMS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="default")

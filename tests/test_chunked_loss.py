@@ -13,7 +13,7 @@ from tunix.rl import algo_core, common
 from tunix.rl.grpo.grpo_learner import GRPOConfig
 
 from jaxpost import fast_logits
-from jaxpost.config import ALGORITHMS, ColabTrainingConfig
+from jaxpost.config import RL_ALGORITHMS, ColabTrainingConfig
 from jaxpost.fast_logits import _packing_group, completion_logps, prompt_group_size
 from jaxpost.lora import apply_lora
 from jaxpost.models import load_model
@@ -80,7 +80,7 @@ def test_chunked_loss_matches_tunix(policy, beta, temperature):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", RL_ALGORITHMS)
 def test_chunked_loss_matches_tunix_for_each_algorithm(policy, algorithm):
     """Each algorithm's Tunix config (aggregation, upper clip, GSPO's sequence ratio),
     with old log-probs near the policy's so that some ratios fall inside the clip range

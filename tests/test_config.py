@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import pytest
 
@@ -265,3 +266,46 @@ def test_the_config_and_the_cli_help_import_no_jax():
     assert r.returncode == 0 and "train" in r.stdout, r.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines()}
     assert "jax" not in imported and "grain" not in imported
+
+
+def test_dpo_builds_from_presets_with_its_own_beta():
+    """The RL presets leave epsilon and epsilon_high None, so `--set algorithm=dpo` works."""
+    smoke = apply_overrides(get_preset("smoke"), ["algorithm=dpo"])
+    assert smoke.kl_beta == 0.1 and smoke.preference_data == "self+demonstrations"
+    assert "DPO:      beta=0.1, pairs from 'self+demonstrations' (G=2)" in describe(smoke)
+    assert "RL:" not in describe(smoke)
+    with pytest.raises(ValueError, match="no ratio clip"):
+        smoke.clip_low  # noqa: B018  (a property that refuses)
+    c = ColabTrainingConfig(algorithm="dpo", beta=0.25,
+                            preference_data="preference-jsonl:prefs.jsonl#max=10")
+    assert c.kl_beta == 0.25 and "pairs from 'preference-jsonl:prefs.jsonl#max=10'" in describe(c)
+    assert ColabTrainingConfig(algorithm="dpo", sft_steps=4, sft_data="gsm8k",
+                               dataset="rubric-demo",
+                               preference_data="self+demonstrations").algorithm == "dpo"
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(epsilon=0.2), "epsilon=0.2 does not apply to algorithm='dpo': DPO has no "
+                        "importance ratio"),
+    (dict(epsilon_high=0.28), "epsilon_high=0.28 does not apply"),
+    (dict(num_iterations=2), "num_iterations=2 does not apply"),
+    (dict(mini_batch_size=1), "mini_batch_size=1 does not apply"),
+    (dict(micro_batch_size=1), "micro_batch_size=1 does not apply"),
+    (dict(beta=0.0), "beta=0.0 is invalid for algorithm='dpo'"),
+    (dict(beta=-1.0), "beta=-1.0 is invalid"),
+    (dict(preference_data="gsm8k"), "no chosen and rejected completions"),
+    (dict(preference_data="preference-jsonl"), "needs a file path"),
+    (dict(preference_data="self+demonstrations", dataset="rubric-demo"),
+     "takes demonstrations from sft_data='auto', i.e. dataset='rubric-demo'"),
+])
+def test_dpo_refuses_what_does_not_apply_and_bad_pairs(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ColabTrainingConfig(algorithm="dpo", **changes)
+
+
+def test_preference_data_is_checked_for_every_algorithm_and_read_by_dpo_alone():
+    with pytest.raises(ValueError, match="preference_data"):
+        ColabTrainingConfig(preference_data="nonsense")
+    # Unused by GRPO, so no demonstrations are asked of a rubric dataset.
+    assert ColabTrainingConfig(dataset="rubric-demo",
+                               preference_data="self+demonstrations").algorithm == "grpo"

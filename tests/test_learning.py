@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from jaxpost.colab_pipeline import prepare_colab_session, train_grpo
-from jaxpost.config import ALGORITHMS, get_preset
+from jaxpost.config import RL_ALGORITHMS, get_preset
 from jaxpost.rewards import REWARDS, register_reward
 
 
@@ -41,7 +41,7 @@ def test_mean_reward_rises(tmp_path, space_reward):
     assert last > first + 0.15, rewards  # measured: 0.58 -> 0.98
 
 
-@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "grpo"])
+@pytest.mark.parametrize("algorithm", [a for a in RL_ALGORITHMS if a != "grpo"])
 def test_each_algorithm_raises_the_reward(tmp_path, space_reward, algorithm):
     """GRPO's relatives on the same task, with two updates per rollout (mu=2), so that the
     second update's ratios move away from 1 and each algorithm's clipping (DAPO's higher

@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.set_defaults(func=_cmd_generate)
 
-    t = sub.add_parser("train", help="train with GRPO, checkpoint, export and quick-test "
-                                     "(resumes when output_dir holds a checkpoint)")
+    t = sub.add_parser("train", help="train with GRPO (or DPO: --set algorithm=dpo), "
+                                     "checkpoint, export and quick-test (resumes when "
+                                     "output_dir holds a checkpoint)")
     t.add_argument("--preset", default="default",
                    help=f"named preset: {', '.join(PRESETS)}")
     t.add_argument("--config", default=None, help="a YAML file of config fields (over the preset)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
 from jaxpost.credentials import Credentials, resolve_credentials
+from jaxpost.dpo import train_dpo
 from jaxpost.evaluate import Comparison, EvalReport, compare, evaluate
 from jaxpost.export import export_checkpoint
 from jaxpost.hf_export import export_from_lora_dir, export_run, push_to_hub
@@ -41,6 +42,7 @@ __all__ = [
     "SFTState",
     "train_sft",
     "train_grpo",
+    "train_dpo",
     "held_out_comparison",
     "export_checkpoint",
     "export_run",
@@ -146,8 +148,8 @@ def held_out_comparison(config: ColabTrainingConfig, session: ColabSession,
     """Base model against the trained run on held-out examples, greedy; prints the table.
 
     The examples are GSM8K's test split for a GSM8K run, else the run's task drawn with
-    ``seed + 1000``; the trained side is the run's latest checkpoint (GRPO's, or the SFT
-    warm-up's when the run had no GRPO steps). Format rate and accuracy are read together:
+    ``seed + 1000``; the trained side is the run's latest checkpoint (GRPO's or DPO's, or
+    the SFT warm-up's when the run had no steps after it). Format rate and accuracy are read together:
     format up with accuracy down would be reward hacking.
 
     Args:
@@ -166,11 +168,13 @@ def held_out_comparison(config: ColabTrainingConfig, session: ColabSession,
 
 def run_full_pipeline(config: ColabTrainingConfig, *, credentials: Credentials | None = None
                       ) -> tuple[ColabSession, TrainerState, Path]:
-    """Prepares, runs the SFT warm-up (when ``sft_steps`` > 0) and GRPO (when there are
-    GRPO steps), each resuming from its checkpoints, then exports, quick-tests, and
-    compares base and trained models on held-out examples (``final_eval_examples``).
+    """Prepares, runs the SFT warm-up (when ``sft_steps`` > 0) and then GRPO, or DPO for
+    ``algorithm="dpo"`` (when there are steps), each resuming from its checkpoints, then
+    exports, quick-tests, and compares base and trained models on held-out examples
+    (``final_eval_examples``).
 
-    Prints the mean reward of the first and last steps.
+    Prints the mean reward of the first and last steps (DPO: the share of pairs ranked
+    right, and the margin).
 
     Returns:
       ``(session, trainer_state, export_path)``.
@@ -179,7 +183,10 @@ def run_full_pipeline(config: ColabTrainingConfig, *, credentials: Credentials |
     print(describe(config), flush=True)
     session = prepare_colab_session(config, credentials=credentials)
     train_sft(config, session)
-    state = train_grpo(config, session)
+    if config.algorithm == "dpo":
+        state = train_dpo(config, session)
+    else:
+        state = train_grpo(config, session)
     path = export_checkpoint(config, state)
     quick_test(config, session, trainer_state=state)
     if config.final_eval_examples > 0:
@@ -188,5 +195,12 @@ def run_full_pipeline(config: ColabTrainingConfig, *, credentials: Credentials |
     if first is not None:
         print(f"jaxpost: mean reward of the first steps {first:.3f}, of the last steps "
               f"{last:.3f}", flush=True)
+    dpo_rows = [h for h in state.history if "dpo/rewards/accuracy" in h]
+    if dpo_rows:
+        ends = [dpo_rows[0], dpo_rows[-1]]
+        print("jaxpost: DPO pairs ranked right {:.2f} -> {:.2f}, margin {:.4f} -> {:.4f} "
+              "(first and last step)".format(*(r["dpo/rewards/accuracy"] for r in ends),
+                                             *(r["dpo/rewards/margin"] for r in ends)),
+              flush=True)
     print(f"jaxpost: done in {time.time() - t0:.0f}s", flush=True)
     return session, state, path

@@ -46,14 +46,19 @@ _MODEL_FORMS = ("embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf
 DTYPES = ("float32", "bfloat16")
 # The RL objective (see jaxpost.tunix_adapter.build_rl_learner): GRPO and its relatives,
 # all run by Tunix's GRPO-family learners on the same rollouts.
-ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo")
-# Per algorithm: beta, epsilon and epsilon_high when the config leaves them None.
+RL_ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo")
+# The training objective after the SFT warm-up: an RL algorithm, or DPO on preference
+# pairs (jaxpost.dpo).
+ALGORITHMS = (*RL_ALGORITHMS, "dpo")
+# Per algorithm: beta, epsilon and epsilon_high when the config leaves them None (DPO has
+# no ratio to clip: beta alone).
 ALGORITHM_DEFAULTS: dict[str, dict[str, float]] = {
     "grpo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
     "dapo": {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28},
     "dr_grpo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
     "gspo": {"beta": 0.0, "epsilon": 3e-4, "epsilon_high": 4e-4},
     "rloo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
+    "dpo": {"beta": 0.1},
 }
 # One-digit sums and differences: a task the 270M base model can get better at in minutes.
 DEFAULT_DATASET = ("reasoning-gym:basic_arithmetic#min_terms=2&max_terms=2&min_digits=1"
@@ -147,8 +152,8 @@ class ColabTrainingConfig:
         clip-higher, token-level loss, no KL); "dr_grpo" (Liu et al. 2025: advantages
         not divided by the group's std, loss not divided by each completion's length);
         "gspo" (Zheng et al. 2025: one importance ratio per sequence, clipped tightly);
-        "rloo" (Ahmadian et al. 2024: leave-one-out baseline). None in beta, epsilon and
-        epsilon_high takes the algorithm's own value (ALGORITHM_DEFAULTS).
+        "rloo" (Ahmadian et al. 2024: leave-one-out baseline); or "dpo" (below). None in
+        beta, epsilon and epsilon_high takes the algorithm's own value (ALGORITHM_DEFAULTS).
       num_generations: G, completions sampled per prompt (group size for the baseline).
       num_iterations: mu, policy updates per batch of generations.
       beta: beta, KL-penalty coefficient against the reference model (None: 0.04, or 0
@@ -158,6 +163,20 @@ class ColabTrainingConfig:
         whose ratio is a per-token average, 3e-4 and 4e-4).
       temperature, top_k, top_p: sampling settings for rollouts (None disables a filter).
       max_prompt_length: prompt tokens kept. max_new_tokens: completion token budget.
+    DPO (Rafailov et al. 2023, "Direct Preference Optimization"; algorithm="dpo", see
+    jaxpost.dpo): trains on preference pairs with the loss -log sigmoid(beta * margin),
+    margin the chosen completion's log-ratio to the reference policy minus the
+    rejected one's; the reference is the policy the stage starts from (after the SFT
+    warm-up, if any). Each step trains on batch_size pairs.
+      beta: DPO's beta (None: 0.1); must be > 0.
+      preference_data: where the pairs come from (jaxpost.preferences.PREFERENCE_DATA_FORMS):
+        "self" (num_batches * batch_size training prompts, G = num_generations samples
+        each at temperature/top_k/top_p, scored by reward_functions: the best paired
+        with the worst, ties skipped), "self+demonstrations" (as self, with the
+        prompt's demonstration from sft_data among the candidates), or
+        "preference-jsonl:PATH" (question, chosen, rejected columns). Read only when
+        algorithm="dpo". The RL settings epsilon, epsilon_high, num_iterations,
+        mini_batch_size and micro_batch_size do not apply and are refused when set.
     Optimisation (AdamW):
       learning_rate: peak LR. warmup_ratio: fraction of total_steps spent warming up.
       weight_decay, b1, b2: AdamW settings. max_grad_norm: clip norm (None = no clip).
@@ -234,6 +253,7 @@ class ColabTrainingConfig:
     top_p: float | None = 1.0
     max_prompt_length: int = 64
     max_new_tokens: int = 64
+    preference_data: str = "self"
 
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
@@ -344,12 +364,50 @@ class ColabTrainingConfig:
 
     def _validate_algorithm(self):
         v = self
+        from jaxpost.preferences import check_preference_data_spec
+
+        check_preference_data_spec(v.preference_data)
+        if v.algorithm == "dpo":
+            self._validate_dpo()
+            return
         if v.algorithm == "dapo" and v.beta:
             raise ValueError(f"beta={v.beta} does not apply to algorithm='dapo': DAPO trains "
                              "without a KL penalty; set beta=0 or leave it None")
         if self.clip_high < self.clip_low:
             raise ValueError(f"epsilon_high={self.clip_high} is invalid: the upper clip must "
                              f"be >= epsilon={self.clip_low} (algorithm={v.algorithm!r})")
+
+    def _validate_dpo(self):
+        v = self
+        from jaxpost.demonstrations import check_sft_data_spec
+        from jaxpost.preferences import uses_demonstrations
+
+        for name in ("epsilon", "epsilon_high"):
+            if getattr(v, name) is not None:
+                raise ValueError(f"{name}={getattr(v, name)} does not apply to algorithm='dpo': "
+                                 "DPO has no importance ratio to clip (its loss is -log "
+                                 "sigmoid(beta * margin)); leave it None")
+        if v.num_iterations != 1:
+            raise ValueError(f"num_iterations={v.num_iterations} does not apply to "
+                             "algorithm='dpo': DPO takes one step per batch of pairs (mu is "
+                             "GRPO's number of updates per rollout); leave it 1")
+        for name in ("mini_batch_size", "micro_batch_size"):
+            if getattr(v, name) is not None:
+                raise ValueError(f"{name}={getattr(v, name)} does not apply to algorithm='dpo': "
+                                 f"each DPO step trains on its whole batch of batch_size="
+                                 f"{v.batch_size} pairs; leave it None")
+        if v.beta == 0:
+            raise ValueError("beta=0.0 is invalid for algorithm='dpo': DPO's loss -log "
+                             "sigmoid(beta * margin) is then log 2 whatever the policy, with "
+                             "no gradient; set beta > 0 or leave it None (0.1)")
+        if uses_demonstrations(v.preference_data) and v.sft_data.strip() == "auto":
+            try:
+                check_sft_data_spec(v.dataset)
+            except ValueError as e:
+                raise ValueError(f"preference_data={v.preference_data!r} takes demonstrations "
+                                 f"from sft_data='auto', i.e. dataset={v.dataset!r}, which "
+                                 f"cannot give them: {e}. Set sft_data to another source, or "
+                                 "preference_data='self'") from e
 
     def _validate_judge(self):
         v = self
@@ -383,9 +441,16 @@ class ColabTrainingConfig:
         """beta, or the algorithm's own when the config leaves it None."""
         return ALGORITHM_DEFAULTS[self.algorithm]["beta"] if self.beta is None else self.beta
 
+    def _require_ratio_clip(self) -> None:
+        if self.algorithm not in RL_ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r} has no ratio clip: epsilon and "
+                             f"epsilon_high belong to {RL_ALGORITHMS}")
+
     @property
     def clip_low(self) -> float:
-        """epsilon (the ratio's lower clip), or the algorithm's own when None."""
+        """epsilon (the ratio's lower clip), or the algorithm's own when None (RL
+        algorithms only: ValueError for DPO)."""
+        self._require_ratio_clip()
         if self.epsilon is None:
             return ALGORITHM_DEFAULTS[self.algorithm]["epsilon"]
         return self.epsilon
@@ -393,7 +458,8 @@ class ColabTrainingConfig:
     @property
     def clip_high(self) -> float:
         """epsilon_high; when None, the algorithm's own, shifted with epsilon where that
-        was set (so DAPO's clip stays 0.08 higher than its lower one)."""
+        was set (so DAPO's clip stays 0.08 higher than its lower one). RL algorithms only."""
+        self._require_ratio_clip()
         if self.epsilon_high is not None:
             return self.epsilon_high
         defaults = ALGORITHM_DEFAULTS[self.algorithm]
@@ -623,12 +689,16 @@ def default_config() -> ColabTrainingConfig:
 def smoke_config() -> ColabTrainingConfig:
     """Tiny random model, 2 steps: exercises the whole pipeline in seconds (tests).
 
-    Reproduce: `jaxpost train --preset smoke`
+    With `algorithm=dpo`, the pairs come from `self+demonstrations`: every sample of the
+    random model scores 0, so only the task's demonstrations give a preferred side.
+
+    Reproduce: `jaxpost train --preset smoke` (DPO: `--set algorithm=dpo`)
     """
     return ColabTrainingConfig(
         model="random:gemma3-tiny", max_steps=2, batch_size=2, num_generations=2,
         max_new_tokens=8, max_prompt_length=96, max_examples=16, eval_size=4,
-        save_interval_steps=1, output_dir="runs/smoke")
+        save_interval_steps=1, output_dir="runs/smoke",
+        preference_data="self+demonstrations")
 
 
 def rubric_demo_config() -> ColabTrainingConfig:
@@ -743,8 +813,11 @@ def describe(config: ColabTrainingConfig) -> str:
         *([f"SFT:      {c.sft_steps} steps of {c.sft_batch_size} demonstrations from "
            f"{c.sft_data!r}, lr={c.sft_learning_rate:g}"] if c.sft_steps else []),
         f"steps:    {c.total_steps} (warmup {c.warmup_steps}), batch_size={c.batch_size} prompts",
-        f"RL:       {c.algorithm} G={c.num_generations} mu={c.num_iterations} "
-        f"beta={c.kl_beta:g} epsilon=[{c.clip_low:g}, {c.clip_high:g}]",
+        (f"DPO:      beta={c.kl_beta:g}, pairs from {c.preference_data!r}"
+         + (f" (G={c.num_generations})" if c.preference_data.startswith("self") else "")
+         if c.algorithm == "dpo" else
+         f"RL:       {c.algorithm} G={c.num_generations} mu={c.num_iterations} "
+         f"beta={c.kl_beta:g} epsilon=[{c.clip_low:g}, {c.clip_high:g}]"),
         f"optim:    lr={c.learning_rate:g} max_new_tokens={c.max_new_tokens}",
         *([f"rubric:   judge={c.judge} "
            f"({c.judge_api_model if c.judge == 'api' else c.judge_model}), "

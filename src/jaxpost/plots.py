@@ -1,5 +1,6 @@
 """Training curves of a run: reward (total and per reward function), KL, loss and
-completion length by step, and the SFT warm-up's loss.
+completion length by step, and the SFT warm-up's loss; for a DPO run, its loss, implicit
+reward margin and share of pairs ranked right.
 
 Read from the run directory's ``metrics.jsonl`` (:func:`jaxpost.train.read_metrics`), so
 they can be drawn during a run, after it, or in a new session. Drawn with matplotlib's
@@ -24,6 +25,13 @@ CURVES = (
     ("completion_length", "completion length (tokens)"),
     ("sft/loss", "SFT warm-up loss (by its own steps)"),
 )
+# A DPO run's panels (jaxpost.dpo): no rollouts, so no reward, KL or length.
+DPO_CURVES = (
+    ("dpo/rewards/margin", "DPO implicit reward margin (chosen - rejected)"),
+    ("dpo/rewards/accuracy", "DPO pairs ranked right"),
+    ("dpo/loss", "DPO loss"),
+    ("sft/loss", "SFT warm-up loss (by its own steps)"),
+)
 
 
 def training_figure(output_dir: str | os.PathLike) -> Figure:
@@ -43,11 +51,13 @@ def training_figure(output_dir: str | os.PathLike) -> Figure:
                                 "first (train_grpo or run_full_pipeline with this output_dir)")
     fig = Figure(figsize=(14, 6.5), layout="constrained")
     FigureCanvasAgg(fig)
+    dpo = any("dpo/loss" in r for r in rows)
+    curves = DPO_CURVES if dpo else CURVES
     per_reward = sorted({k for r in rows for k in r if k.startswith("rewards/")})
     axes = fig.subplots(2, 3).flat
-    for ax in axes[len(CURVES):]:
+    for ax in axes[len(curves):]:
         ax.set_axis_off()
-    for ax, (name, title) in zip(axes, CURVES):
+    for ax, (name, title) in zip(axes, curves):
         ax.set_title(title)
         ax.set_xlabel("step")
         # The total last, in black on top: it often equals one function's curve.
@@ -68,9 +78,10 @@ def training_figure(output_dir: str | os.PathLike) -> Figure:
         elif len(names) > 1:
             ax.legend(fontsize="small")
     sft_steps = sum("sft/loss" in r for r in rows)
-    grpo_steps = sum(any(k != "step" and not k.startswith("sft/") for k in r) for r in rows)
+    main_steps = sum(any(k != "step" and not k.startswith("sft/") for k in r) for r in rows)
     stages = [f"{sft_steps} SFT steps"] if sft_steps else []
-    fig.suptitle(f"{Path(output_dir).name}: {', '.join(stages + [f'{grpo_steps} GRPO steps'])}")
+    stages.append(f"{main_steps} {'DPO' if dpo else 'GRPO'} steps")
+    fig.suptitle(f"{Path(output_dir).name}: {', '.join(stages)}")
     return fig
 
 

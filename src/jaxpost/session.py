@@ -28,7 +28,11 @@ class ColabSession:
       judge: the judge bound into the rubric reward (``jaxpost.judges``), or None when
         no reward needs one; training logs its ``stats``.
       demonstrations: the SFT warm-up's demonstrations (``jaxpost.demonstrations``),
-        empty when ``sft_steps`` is 0.
+        empty when ``sft_steps`` is 0 (and DPO's pairs do not use them).
+      preferences: DPO's pairs from a preference file (``jaxpost.preferences``), read
+        before the model loads; empty unless ``algorithm="dpo"`` with
+        ``preference_data="preference-jsonl:..."`` (``self`` pairs are sampled by
+        ``jaxpost.dpo`` from the policy the stage starts from).
     """
 
     loaded: LoadedModel
@@ -40,6 +44,7 @@ class ColabSession:
     credentials: Any = None
     judge: Any = None
     demonstrations: list = dataclasses.field(default_factory=list)
+    preferences: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         """One line: platform, devices, mesh, model, parameter and LoRA parameter counts."""
@@ -70,6 +75,25 @@ def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> None:
             f"max_prompt_length={max_prompt_length} is too small: the longest formatted prompt "
             f"has {longest} tokens. Raise max_prompt_length to at least {longest}, or shorten "
             f"system_prompt / max_examples.")
+
+
+def _preference_pairs(config: ColabTrainingConfig, eval_dataset) -> list:
+    """The pairs of the config's preference file, less those asking a held-out question."""
+    from jaxpost.preferences import load_preference_jsonl
+
+    pairs = load_preference_jsonl(config.preference_data, seed=config.seed,
+                                  max_examples=config.max_examples)
+    held_out = ({str(q) for batch in eval_dataset for q in batch["question"]}
+                if eval_dataset is not None else set())
+    kept = [p for p in pairs if p.question not in held_out]
+    if not kept:
+        raise ValueError(f"preference_data={config.preference_data!r}: all {len(pairs)} pairs "
+                         "ask held-out questions of the dataset (eval_size); nothing is left "
+                         "to train on")
+    if len(kept) < len(pairs):
+        print(f"jaxpost: {len(pairs) - len(kept)} preference pairs ask held-out questions "
+              "and are left out", flush=True)
+    return kept
 
 
 def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
@@ -107,14 +131,19 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     template = resolve_chat_template(config.model, config.chat_template)
     check_reward_config(config)
     train_ds, eval_ds = prepare_datasets(config)
-    demonstrations = []
-    if config.sft_steps > 0:
+    from jaxpost.preferences import uses_demonstrations
+
+    dpo = config.algorithm == "dpo"
+    demonstrations, preferences = [], []
+    if config.sft_steps > 0 or (dpo and uses_demonstrations(config.preference_data)):
         from jaxpost.demonstrations import load_demonstrations
 
         demonstrations = load_demonstrations(
             config.sft_data, dataset=config.dataset, seed=config.seed,
             max_examples=config.max_examples, reasoning_tag=config.reasoning_tag,
             answer_tag=config.answer_tag)
+    if dpo and not config.preference_data.strip().startswith("self"):
+        preferences = _preference_pairs(config, eval_ds)
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, mesh_fsdp=config.mesh_fsdp,
                             mesh_tp=config.mesh_tp, seed=config.seed)
@@ -128,6 +157,6 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
                             alpha=config.lora_alpha, target_modules=config.lora_target_modules,
                             seed=config.seed)
     session = ColabSession(loaded, lora_model, train_ds, eval_ds, reward_fns, template,
-                           credentials, judge, demonstrations)
+                           credentials, judge, demonstrations, preferences)
     print(f"jaxpost: {session.summary()} (ready in {time.time() - t0:.0f}s)", flush=True)
     return session

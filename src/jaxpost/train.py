@@ -85,7 +85,19 @@ _METRIC_NAMES = {
     # The SFT warm-up's trainer (jaxpost.sft) logs under the "sft" prefix.
     "sft/loss": "sft/loss",
     "sft/grad_norm": "sft/grad_norm",
+    # The DPO stage's trainer (jaxpost.dpo) logs under the "dpo" prefix: its loss, and
+    # the implicit rewards beta * log(policy / reference) of the chosen and rejected
+    # completions, their margin, the share of pairs ranked right, and the log-probs.
+    **{f"dpo/{name}": f"dpo/{name}" for name in (
+        "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margin",
+        "rewards/accuracy", "log_probs/chosen", "log_probs/rejected")},
 }
+# Stage -> the prefix of its metric names (GRPO's have none).
+_STAGE_PREFIXES = {"grpo": "", "sft": "sft/", "dpo": "dpo/"}
+# Stage -> the metrics a step's progress line waits for. Tunix logs DPO's implicit
+# rewards after the loss.
+_REPORTED_WITH = {"grpo": ("loss",), "sft": ("sft/loss",),
+                  "dpo": ("dpo/loss", "dpo/rewards/margin", "dpo/rewards/accuracy")}
 # Rewards, completions and the judge's work are logged while rolling out for step n + 1,
 # under step n.
 _ROLLOUT_GROUPS = ("rewards", "completions", "judge")
@@ -120,17 +132,18 @@ class MetricsRecorder:
     so W&B's own monotonic step cannot be used).
 
     ``stage="sft"`` records the SFT warm-up instead (``sft/loss``, ``sft/grad_norm``,
-    ``sft/learning_rate``, ``sft/step_seconds``), by its own steps.
+    ``sft/learning_rate``, ``sft/step_seconds``), by its own steps; ``stage="dpo"`` the
+    DPO stage (``dpo/loss``, ``dpo/rewards/margin``, ``dpo/rewards/accuracy``, ...).
     """
 
     def __init__(self, path: Path, total_steps: int, log_every: int, schedule=None,
                  wandb_run=None, stage: str = "grpo"):
-        if stage not in ("grpo", "sft"):
-            raise ValueError(f"stage={stage!r} is invalid: 'grpo' or 'sft'")
+        if stage not in _STAGE_PREFIXES:
+            raise ValueError(f"stage={stage!r} is invalid: one of {tuple(_STAGE_PREFIXES)}")
         self.path = path
         self.wandb_run = wandb_run
         self.stage = stage
-        self._prefix = "sft/" if stage == "sft" else ""
+        self._prefix = _STAGE_PREFIXES[stage]
         # Each step's learning rate, evaluated once for the whole run: called at each
         # step from Tunix's logging, an optax schedule compiled its operations again
         # every time (about 0.4 s per step on a CPU).
@@ -151,8 +164,9 @@ class MetricsRecorder:
         if parsed is None or self._file.closed:
             return
         name, offset = parsed
-        if name.startswith("sft/") != (self.stage == "sft"):
-            return  # the other stage's event
+        stage = next((k for k, p in _STAGE_PREFIXES.items() if p and name.startswith(p)), "grpo")
+        if stage != self.stage:
+            return  # another stage's event
         step = int(kwargs.get("step", 0)) + offset
         value = float(value)
         loss = self._prefix + "loss"
@@ -173,6 +187,7 @@ class MetricsRecorder:
             if self.learning_rates is not None and 0 < step <= self.total_steps:
                 self._put(step, self._prefix + "learning_rate",
                           float(self.learning_rates[step - 1]))
+        if all(key in self.rows.get(step, {}) for key in _REPORTED_WITH[self.stage]):
             self._report(step)
         self._file.flush()
 
@@ -191,10 +206,15 @@ class MetricsRecorder:
         self._printed.add(step)
         row = self.rows.get(step, {})
         now = time.time()
-        parts = [f"{'SFT ' if self.stage == 'sft' else ''}step {step}/{self.total_steps}"]
-        keys = ((("sft/loss", "loss {:.4f}"), ("sft/learning_rate", "lr {:.2e}"))
-                if self.stage == "sft" else
-                (("reward", "reward {:.3f}"), ("kl", "kl {:.4f}"), ("loss", "loss {:.4f}")))
+        label = {"grpo": "", "sft": "SFT ", "dpo": "DPO "}[self.stage]
+        parts = [f"{label}step {step}/{self.total_steps}"]
+        keys = {
+            "sft": (("sft/loss", "loss {:.4f}"), ("sft/learning_rate", "lr {:.2e}")),
+            "dpo": (("dpo/loss", "loss {:.4f}"), ("dpo/rewards/margin", "margin {:.4f}"),
+                    ("dpo/rewards/accuracy", "accuracy {:.2f}"),
+                    ("dpo/learning_rate", "lr {:.2e}")),
+            "grpo": (("reward", "reward {:.3f}"), ("kl", "kl {:.4f}"), ("loss", "loss {:.4f}")),
+        }[self.stage]
         for key, fmt in keys:
             if key in row:
                 parts.append(fmt.format(row[key]))
@@ -264,11 +284,15 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
       The trainer state after the last step.
 
     Raises:
+      ValueError: the config's algorithm is DPO, or ``output_dir`` holds DPO checkpoints.
       TrainingDiverged: when the loss becomes NaN or infinite.
     """
     from jaxpost import tunix_adapter
     from jaxpost.data import num_train_batches
 
+    if config.algorithm == "dpo":
+        raise ValueError("algorithm='dpo' is trained by jaxpost.dpo.train_dpo (which "
+                         "run_full_pipeline calls), not by train_grpo")
     if config.total_steps == 0:
         sft_step = tunix_adapter.latest_checkpoint_step(
             tunix_adapter.sft_checkpoint_dir(config.checkpoint_dir))
@@ -282,6 +306,10 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
             f"the session's training data has {len(session.train_dataset)} batches but this "
             f"config needs {needed} (max_steps={config.max_steps}, num_batches="
             f"{config.num_batches}); call prepare_colab_session(config) with this config")
+    dpo_dir = tunix_adapter.dpo_checkpoint_dir(config.checkpoint_dir)
+    if tunix_adapter.latest_checkpoint_step(dpo_dir) is not None:
+        raise ValueError(f"{config.checkpoint_dir} holds DPO checkpoints ({dpo_dir}); give "
+                         "the GRPO run its own output_dir")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     wandb_run = start_wandb(config)

@@ -25,6 +25,7 @@ from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import drgrpo_learner, grpo_learner
 from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger, peft_trainer
+from tunix.sft.dpo import dpo_trainer
 
 from jaxpost import fast_logits
 
@@ -549,6 +550,174 @@ def build_sft_trainer(model: nnx.Module, optimizer: optax.GradientTransformation
     return trainer
 
 
+def dpo_loss_chunked(model, train_example, algorithm: str, beta: float,
+                     label_smoothing: float, *, pad_id: int):
+    """Tunix's DPO loss (``dpo_trainer.dpo_loss_fn``), with log-probs computed in chunks.
+
+    Tunix scores the chosen and rejected completions from full ``[2 * batch, completion,
+    vocab]`` logits. This computes the same sequence log-probabilities with
+    :func:`jaxpost.fast_logits.completion_logps`, each pair's two rows side by side so
+    that their shared prompt runs through the layers once, and applies Tunix's
+    objective unchanged: ``-log sigmoid(beta * margin)`` (with label smoothing),
+    margin = (chosen - reference chosen) - (rejected - reference rejected) summed
+    log-probs, and its metrics (``rewards/*``: beta times each log-ratio;
+    ``rewards/accuracy``: the share of pairs whose chosen reward is higher).
+    A test checks value and gradient against Tunix's. Models without trimmed-logit
+    support, and ORPO, use Tunix's own loss.
+
+    Args:
+      train_example: Tunix's DPO ``TrainExample``: rows ``[chosen..., rejected...]``,
+        ids ``[2 * batch, prompt + completion]`` whose padding is ``pad_id``.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpost.fast_logits import Gemma3TrimmedLogits, completion_logps
+
+    if (not isinstance(model, Gemma3TrimmedLogits) or algorithm != "dpo"
+            or train_example.images is not None):
+        return dpo_trainer.dpo_loss_fn(model, train_example, algorithm=algorithm, beta=beta,
+                                       label_smoothing=label_smoothing)
+    comp = train_example.logits_to_keep
+    ids = train_example.input_ids
+    n = ids.shape[0] // 2
+    # [c0, r0, c1, r1, ...]: each prompt twice in a row, computed once.
+    pairs = np.stack([np.arange(n), np.arange(n) + n], axis=1).reshape(-1)
+    logps, _ = completion_logps(model, ids[pairs, :-comp], ids[pairs, -comp:], pad_id,
+                                prompt_group=2, layer_inputs=None)
+    mask = train_example.completion_mask[pairs].astype(jnp.float32)
+    seq = (logps * mask).sum(axis=-1).reshape(n, 2)
+    chosen, rejected = seq[:, 0], seq[:, 1]
+    chosen_ratio, rejected_ratio = chosen, rejected
+    if train_example.ref_chosen_logps is not None:
+        chosen_ratio = chosen - train_example.ref_chosen_logps
+    if train_example.ref_rejected_logps is not None:
+        rejected_ratio = rejected - train_example.ref_rejected_logps
+    delta = chosen_ratio - rejected_ratio
+    losses = -(jax.nn.log_sigmoid(beta * delta) * (1 - label_smoothing)
+               + jax.nn.log_sigmoid(-beta * delta) * label_smoothing)
+    chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+    aux = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).mean(),
+        "log_probs/chosen": chosen.mean(),
+        "log_probs/rejected": rejected.mean(),
+    }
+    return losses.mean(), aux
+
+
+class _DPOTrainer(dpo_trainer.DPOTrainer):
+    """Tunix's DPO trainer whose loss and reference pass use chunked log-probs on Gemma 3.
+
+    On a model with trimmed-logit support (:class:`jaxpost.fast_logits.Gemma3TrimmedLogits`)
+    the reference's sequence log-probs come from :func:`_chunked_logps_fn` and the loss
+    is :func:`dpo_loss_chunked`; other models keep Tunix's full-logits passes, and
+    ``chunked`` says which applies.
+    """
+
+    def __init__(self, model, ref_model, optimizer, training_config, *, pad_id: int):
+        super().__init__(model, ref_model, optimizer, training_config)
+        from jaxpost.fast_logits import Gemma3TrimmedLogits
+
+        self.chunked = isinstance(model, Gemma3TrimmedLogits)
+        self._pad_id = pad_id
+        if not self.chunked:
+            return
+        self._ref_graphdef, self._ref_state = nnx.split(ref_model)
+        self._ref_logps = _chunked_logps_fn(self._ref_graphdef)
+
+        # Tunix passes the inputs as keyword arguments, and nnx.value_and_grad needs them
+        # to bind to positional parameters (a partial's keyword-only pad_id does not).
+        def loss(model, train_example, algorithm, beta, label_smoothing):
+            return dpo_loss_chunked(model, train_example, algorithm, beta, label_smoothing,
+                                    pad_id=pad_id)
+
+        self.with_loss_fn(loss, has_aux=True)
+
+    def _prepare_inputs(self, training_input):
+        if not self.chunked or not isinstance(training_input, dict):
+            return super()._prepare_inputs(training_input)
+        import jax.numpy as jnp
+        import numpy as np
+
+        from tunix.rl import common as rl_common
+
+        prompt = np.asarray(training_input["prompt_ids"])
+        chosen = np.asarray(training_input["chosen_ids"])
+        rejected = np.asarray(training_input["rejected_ids"])
+        n, comp = chosen.shape
+        prompt_ids = np.concatenate([prompt, prompt])
+        completion_ids = np.concatenate([chosen, rejected])
+        completion_mask = np.concatenate([training_input["chosen_mask"],
+                                          training_input["rejected_mask"]])
+        mask = np.concatenate([np.concatenate([training_input["prompt_mask"]] * 2),
+                               completion_mask], axis=1)
+        pairs = np.stack([np.arange(n), np.arange(n) + n], axis=1).reshape(-1)
+        ref = self._ref_logps(self._ref_state, prompt_ids[pairs], completion_ids[pairs],
+                              pad_id=self._pad_id, temperature=1.0)
+        ref = (ref * completion_mask[pairs]).sum(axis=-1).reshape(n, 2)
+        mask = jnp.asarray(mask)
+        input_ids = jnp.asarray(np.concatenate([prompt_ids, completion_ids], axis=1))
+        # As Tunix builds it, for its loss; the chunked one builds its own from the ids.
+        if hasattr(self.model, "get_attention_mask"):
+            attention_mask = self.model.get_attention_mask(input_ids, inputs_mask=mask)
+        else:
+            attention_mask = rl_common.make_causal_attn_mask(mask)
+        return dpo_trainer.TrainExample(
+            input_ids=input_ids,
+            positions=rl_common.build_positions_from_mask(mask),
+            attention_mask=attention_mask,
+            ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1],
+            completion_mask=jnp.asarray(completion_mask), logits_to_keep=comp)
+
+
+def build_dpo_trainer(model: nnx.Module, reference: nnx.Module,
+                      optimizer: optax.GradientTransformation, *, beta: float, pad_id: int,
+                      checkpoint_dir: str, tensorboard_dir: str, max_steps: int,
+                      save_interval_steps: int, max_to_keep: int,
+                      metric_backends: Sequence[Callable[[], Any]]):
+    """Tunix's ``DPOTrainer`` (a ``PeftTrainer``) for ``jaxpost.dpo``.
+
+    Batches are dicts of Tunix's tokenized DPO input (``prompt_ids``/``prompt_mask``
+    left-padded, ``chosen_ids``/``chosen_mask`` and ``rejected_ids``/``rejected_mask``
+    right-padded with ``pad_id``, the masks equal to ``ids != pad_id``). ``reference``
+    (frozen) scores each batch before its step. Like the SFT trainer, it restores the
+    newest checkpoint under ``checkpoint_dir`` when built, skips the batches already
+    trained, saves every ``save_interval_steps`` and at the end, logs
+    ``dpo/train/<metric>`` (loss, ``rewards/margin``, ``rewards/accuracy``, ...) and
+    updates only the LoRA weights (:func:`keep_frozen_weights_in_place`). Its
+    ``chunked`` attribute says whether the log-probs are jaxpost's chunked ones.
+    """
+    training = dpo_trainer.DPOTrainingConfig(
+        algorithm="dpo",
+        beta=beta,
+        eval_every_n_steps=10**9,
+        max_steps=max_steps,
+        checkpoint_root_directory=checkpoint_dir,
+        checkpointing_options=ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps, max_to_keep=max_to_keep),
+        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+            log_dir=tensorboard_dir, flush_every_n_steps=1,
+            backend_kwargs={"custom_backend": list(metric_backends)}),
+        metrics_prefix="dpo",
+        pbar_description=None,
+    )
+    trainer = _DPOTrainer(model, reference, optimizer, training, pad_id=pad_id)
+    keep_frozen_weights_in_place(trainer)
+    return trainer
+
+
+def frozen_copy(model: nnx.Module) -> nnx.Module:
+    """``model`` as it is now, for a reference policy: a copy of its LoRA weights, and the
+    very arrays of its frozen base weights (which no LoRA update writes)."""
+    import jax.numpy as jnp
+
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, lora), frozen)
+
+
 def actor_checkpoint_dir(checkpoint_dir) -> str:
     """Where Tunix's trainer writes the actor's checkpoints under ``checkpoint_dir``."""
     import os
@@ -563,16 +732,24 @@ def sft_checkpoint_dir(checkpoint_dir) -> str:
     return os.path.join(os.path.abspath(checkpoint_dir), "sft")
 
 
-def final_checkpoint_dir(checkpoint_dir) -> str:
-    """The checkpoints holding a run's latest LoRA weights under ``checkpoint_dir``: GRPO's
-    (``actor``) once it has one, else the SFT warm-up's (``sft``), else GRPO's (which
-    then holds none, for the caller's error message)."""
+def dpo_checkpoint_dir(checkpoint_dir) -> str:
+    """Where the DPO stage's trainer writes its checkpoints under ``checkpoint_dir``."""
     import os
 
+    return os.path.join(os.path.abspath(checkpoint_dir), "dpo")
+
+
+def final_checkpoint_dir(checkpoint_dir) -> str:
+    """The checkpoints holding a run's latest LoRA weights under ``checkpoint_dir``: GRPO's
+    (``actor``) or DPO's (``dpo``) once one has a checkpoint (a run holds one of the two,
+    see :func:`jaxpost.dpo.train_dpo`), else the SFT warm-up's (``sft``), else GRPO's
+    (which then holds none, for the caller's error message)."""
     actor = actor_checkpoint_dir(checkpoint_dir)
-    sft = sft_checkpoint_dir(checkpoint_dir)
-    if latest_checkpoint_step(actor) is None and latest_checkpoint_step(sft) is not None:
-        return sft
+    if latest_checkpoint_step(actor) is not None:
+        return actor
+    for stage in (dpo_checkpoint_dir(checkpoint_dir), sft_checkpoint_dir(checkpoint_dir)):
+        if latest_checkpoint_step(stage) is not None:
+            return stage
     return actor
 
 
