@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 
@@ -129,6 +130,28 @@ def test_resume_continues_from_latest_checkpoint(smoke_run, capsys):
     assert state.resumed_from == 2 and state.step == 3
     assert (state.checkpoint_dir / "actor" / "3").is_dir()
     assert [h["step"] for h in state.history] == [1, 2, 3]
+
+
+def test_resume_steps_past_an_unreadable_checkpoint(smoke_run, tmp_path, capsys):
+    """GRPO's rerun moves a corrupt newest checkpoint aside and resumes from the one before
+    (Tunix's cluster would otherwise stop on Orbax's error on every rerun)."""
+    from jaxpost.checkpoints import latest_step
+    from jaxpost.rundir import RunDir
+
+    config = smoke_run[0]
+    out = tmp_path / "run"
+    shutil.copytree(config.output_dir, out)
+    ckpt = RunDir(out).grpo_checkpoint_dir
+    newest = latest_step(ckpt)
+    (ckpt / str(newest) / "model_params" / "_sharding").write_text("{not json")
+    again = dataclasses.replace(config, output_dir=str(out), max_steps=newest)
+    state = train_grpo(again, prepare_colab_session(again))
+    captured = capsys.readouterr()
+    assert f"checkpoint step {newest} in {ckpt} cannot be read" in captured.err
+    assert f"resuming from checkpoint step {newest - 1}" in captured.out
+    assert state.resumed_from == newest - 1 and state.step == newest
+    assert [p.name.rsplit("-", 1)[0] for p in RunDir(out).unreadable_dir.iterdir()] == [
+        f"actor-{newest}"]
 
 
 def test_quick_test_answers(smoke_run):

@@ -21,6 +21,7 @@ import yaml
 
 from jaxpost.judges import JUDGE_KINDS, REFERENCE_JUDGE
 from jaxpost.rubrics import AGGREGATIONS, CATEGORIES, DEFAULT_CATEGORY_WEIGHTS
+from jaxpost.rundir import RunDir
 
 DEFAULT_LORA_TARGETS = (
     ".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
@@ -349,17 +350,18 @@ class ColabTrainingConfig:
         """Linear-warmup steps: int(warmup_ratio * total_steps)."""
         return int(self.warmup_ratio * self.total_steps)
 
+    # Where a run writes: the layout of jaxpost.rundir, under output_dir.
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.output_dir, "checkpoints")
+        return str(RunDir(self.output_dir).checkpoint_dir)
 
     @property
     def tensorboard_dir(self) -> str:
-        return os.path.join(self.output_dir, "tensorboard")
+        return str(RunDir(self.output_dir).tensorboard_dir)
 
     @property
     def export_dir(self) -> str:
-        return os.path.join(self.output_dir, "export")
+        return str(RunDir(self.output_dir).export_dir())
 
     @property
     def effective_reward_weights(self) -> tuple[float, ...]:
