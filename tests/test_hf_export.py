@@ -186,6 +186,26 @@ def test_other_families_and_bad_lora_are_refused(tiny, tmp_path):
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
 
 
+def test_exports_replace_only_their_own_directories(tiny, tmp_path, capsys):
+    loaded, arrays, _ = tiny
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not a jaxpost export"):
+        hf_export.write_peft_adapter(loaded, arrays, mine, alpha=ALPHA)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        hf_export.write_peft_adapter(loaded, arrays, tmp_path / "a-file", alpha=ALPHA)
+
+    out = hf_export.write_peft_adapter(loaded, arrays, tmp_path / "out", alpha=ALPHA)
+    (out / "notes.txt").write_text("added to an export")
+    hf_export.write_peft_adapter(loaded, arrays, out, alpha=ALPHA)  # replaces its own export
+    assert "removed its files that the new export does not write: notes.txt" in (
+        capsys.readouterr().err)
+    assert not (out / "notes.txt").exists() and (out / hf_export.PEFT_ADAPTER_FILE).is_file()
+
+
 class _FakeHub(http.server.BaseHTTPRequestHandler):
     """The three Hub endpoints create_repo + upload_folder use; records what it got."""
 

@@ -22,16 +22,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_config(run_dir: str):
-    from pathlib import Path
+    from jaxpost.rundir import RunDir
 
-    from jaxpost.config import load_yaml
-    from jaxpost.train import CONFIG_FILE
-
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: RUN_DIR must be the output_dir of a "
-                                "jaxpost train run")
-    return load_yaml(str(path))
+    return RunDir(run_dir).read_config()
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -54,7 +47,8 @@ def _cmd_quick_test(args: argparse.Namespace) -> int:
 
     config = _run_config(args.run_dir)
     session = prepare_session(config)
-    session.lora_model = load_lora_export(export_checkpoint(config), session.loaded)
+    session.lora_model = load_lora_export(export_checkpoint(config, run_dir=args.run_dir),
+                                          session.loaded)
     quick_test(config, session, test_question=args.question)
     return 0
 
@@ -149,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "merged: LoRA merged into a Hugging Face checkpoint; gguf: merged, for "
                         "llama.cpp / Ollama")
     e.add_argument("--out", default=None,
-                   help="export directory (default RUN_DIR/export for lora, else "
-                        "<lora export>-<format>)")
+                   help="export directory; default one per format and type: RUN_DIR/export "
+                        "(lora), RUN_DIR/export-peft, -merged, -gguf-f16, -gguf-q8_0 (beside "
+                        "a LoRA export DIR: DIR-peft, ...). Only a previous export is replaced")
     e.add_argument("--gguf-type", default="f16", choices=["f16", "q8_0"],
                    help="GGUF tensor type (--format gguf)")
     e.add_argument("--push-to-hub", default=None, metavar="REPO_ID",

@@ -19,7 +19,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxpost.cache import replacing_dir
 
 GGUF_TYPES = ("f16", "q8_0")
 
@@ -210,6 +209,7 @@ def write_gguf_export(loaded, out_dir: str | os.PathLike, *, lora=None, alpha: f
       config, metrics: the run's config and metrics, stored beside the file.
     """
     from jaxpost import hf_export
+    from jaxpost.export import export_directory
 
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: use one of {list(GGUF_TYPES)}")
@@ -218,7 +218,7 @@ def write_gguf_export(loaded, out_dir: str | os.PathLike, *, lora=None, alpha: f
     tensors = hf_export.merged_hf_tensors(loaded, lora, alpha=alpha)
     out = Path(out_dir)
     file_name = f"model-{gguf_type}.gguf"
-    with replacing_dir(out) as tmp:
+    with export_directory(out) as tmp:
         write_gguf(tensors, hf_cfg, tok_bytes, tmp / file_name, gguf_type=gguf_type,
                    name=f"jaxpost {loaded.source}")
         (tmp / "Modelfile").write_text(

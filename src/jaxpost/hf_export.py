@@ -38,7 +38,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxpost.cache import replacing_dir
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
@@ -441,6 +440,8 @@ def write_peft_adapter(loaded, lora: Mapping[str, np.ndarray], out_dir: str | os
     """
     from safetensors.numpy import save_file
 
+    from jaxpost.export import export_directory
+
     _check_gemma3(loaded)
     if not lora:
         raise ValueError("lora is empty: there are no adapters to export")
@@ -449,7 +450,7 @@ def write_peft_adapter(loaded, lora: Mapping[str, np.ndarray], out_dir: str | os
     adapter_cfg = peft_config(tensors, loaded.model_config, rank=lora_rank_of(lora), alpha=alpha,
                               base_model=base)
     out = Path(out_dir)
-    with replacing_dir(out) as tmp:
+    with export_directory(out) as tmp:
         save_file(tensors, str(tmp / PEFT_ADAPTER_FILE), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(adapter_cfg, indent=2))
         write_record(tmp, config, metrics)
@@ -483,11 +484,13 @@ def write_hf_model(loaded, out_dir: str | os.PathLike, *,
     """
     from safetensors.numpy import save_file
 
+    from jaxpost.export import export_directory
+
     hf_cfg = hf_config(loaded)
     tok_bytes = tokenizer_model_bytes(loaded)
     tensors = merged_hf_tensors(loaded, lora, alpha=alpha)
     out = Path(out_dir)
-    with replacing_dir(out) as tmp:
+    with export_directory(out) as tmp:
         save_file(tensors, str(tmp / HF_MODEL_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
@@ -526,7 +529,10 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
     Args:
       lora_dir: a directory written by ``jaxpost export`` (``--format lora``).
       fmt: the target format.
-      out_dir: where to write (default ``<lora_dir>-<fmt>`` beside it).
+      out_dir: where to write; default beside ``lora_dir``, one directory per format and
+        type: ``<lora_dir>-peft``, ``<lora_dir>-merged``, ``<lora_dir>-gguf-<gguf_type>``.
+        It must be absent, empty or a previous export
+        (:func:`jaxpost.export.check_export_target`), checked before any work.
       gguf_type: ``"f16"`` or ``"q8_0"`` (GGUF only).
       loaded: the base model, if already loaded (default: loads the config's ``model``
         with its ``dtype`` and ``seed``).
@@ -534,7 +540,9 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
     Returns:
       The export directory.
     """
+    from jaxpost.export import check_export_target
     from jaxpost.gguf_export import GGUF_TYPES, write_gguf_export
+    from jaxpost.rundir import export_suffix
 
     if fmt not in ("peft", "merged", "gguf"):
         raise ValueError(f"format={fmt!r} is invalid here: use 'peft', 'merged' or 'gguf' "
@@ -543,7 +551,12 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: use one of {list(GGUF_TYPES)}")
     config, lora, metrics = read_lora_export(lora_dir)
     lora_dir = Path(lora_dir)
-    out = Path(out_dir) if out_dir else lora_dir.with_name(f"{lora_dir.name}-{fmt}")
+    out = (Path(out_dir) if out_dir else
+           lora_dir.with_name(lora_dir.name + export_suffix(fmt, gguf_type)))
+    if out.resolve() == lora_dir.resolve():
+        raise ValueError(f"out_dir={str(out)!r} is the LoRA export being converted: give "
+                         "another directory")
+    check_export_target(out)
     if loaded is None:
         from jaxpost.models import load_model
 
@@ -559,7 +572,6 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
                              gguf_type=gguf_type, config=config, metrics=metrics)
 
 
-
 def is_lora_export(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a LoRA export directory (adapter + config), not a training run."""
     from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG
@@ -572,47 +584,55 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "lora",
     """Exports a training run, or converts a LoRA export, into ``fmt``.
 
     Args:
-      run_dir: a training output dir (``config.yaml`` + checkpoints) or a LoRA export
-        directory (``adapter.safetensors`` + ``config.yaml``).
+      run_dir: a training run's directory (``config.yaml`` + checkpoints) or a LoRA
+        export directory (``adapter.safetensors`` + ``config.yaml``). Everything is read
+        from this directory (``jaxpost.rundir``), wherever the run was trained.
       fmt: ``"lora"`` (jaxpost's own adapters), ``"peft"``, ``"merged"`` or ``"gguf"``.
-      out_dir: the export directory. Default: ``RUN_DIR/export`` for ``lora`` (the run's
-        ``export_dir``) and ``<lora export>-<fmt>`` beside the LoRA export otherwise.
+      out_dir: the export directory. Default, one per format and type: for a run,
+        ``RUN_DIR/export`` (lora), ``RUN_DIR/export-peft``, ``RUN_DIR/export-merged``,
+        ``RUN_DIR/export-gguf-f16``, ``RUN_DIR/export-gguf-q8_0``; for a LoRA export
+        ``DIR``, the same suffixes beside it. An existing directory is replaced only
+        when it is a previous export (:func:`jaxpost.export.check_export_target`).
       gguf_type: ``"f16"`` or ``"q8_0"`` (GGUF only).
 
-    A training run is first exported as LoRA (its latest checkpoint, into the run's
-    ``export_dir`` unless ``fmt`` is ``lora`` and ``out_dir`` is given), so every other
+    A training run is first exported as LoRA (its newest readable checkpoint, into
+    ``RUN_DIR/export`` unless ``fmt`` is ``lora`` and ``out_dir`` is given), so every other
     format is built from that record.
 
     Raises:
-      ValueError: an unknown ``fmt`` or ``gguf_type`` (before any work).
+      ValueError: an unknown ``fmt`` or ``gguf_type``, or an ``out_dir`` jaxpost may not
+        replace (before any work).
       FileNotFoundError: ``run_dir`` is neither a run nor a LoRA export.
     """
+    from jaxpost.export import check_export_target, export_directory
     from jaxpost.gguf_export import GGUF_TYPES
+    from jaxpost.rundir import RunDir
 
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is invalid: use one of {list(FORMATS)}")
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: use one of {list(GGUF_TYPES)}")
+    if out_dir is not None:
+        check_export_target(out_dir)
     path = Path(run_dir)
     if is_lora_export(path):
         lora_dir = path
         if fmt == "lora":
             if out_dir is None or Path(out_dir).resolve() == path.resolve():
                 return path
-            with replacing_dir(Path(out_dir)) as tmp:
+            with export_directory(out_dir) as tmp:
                 shutil.copytree(path, tmp, dirs_exist_ok=True)
             return Path(out_dir)
     else:
-        from jaxpost.config import load_yaml
         from jaxpost.export import export_checkpoint
-        from jaxpost.train import CONFIG_FILE
 
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path / CONFIG_FILE} is missing: RUN_DIR must be the "
+        run = RunDir(path)
+        if not run.is_run():
+            raise FileNotFoundError(f"{run.config_file} is missing: RUN_DIR must be the "
                                     "output_dir of a jaxpost train run or a LoRA export "
                                     "directory (adapter.safetensors + config.yaml)")
-        config = load_yaml(str(path / CONFIG_FILE))
-        lora_dir = export_checkpoint(config, out_dir=out_dir if fmt == "lora" else None)
+        lora_dir = export_checkpoint(run.read_config(), out_dir=out_dir if fmt == "lora" else None,
+                                     run_dir=path)
         if fmt == "lora":
             return lora_dir
     return export_from_lora_dir(lora_dir, fmt, out_dir, gguf_type=gguf_type)
