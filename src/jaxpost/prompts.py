@@ -98,6 +98,19 @@ def resolve_chat_template(model_source: str, chat_template: str = "auto") -> str
     )
 
 
+def model_chat_template(loaded: Any, chat_template: str = "auto") -> str:
+    """:func:`resolve_chat_template` for a loaded model (``jaxpost.models.LoadedModel``).
+
+    A ``gguf:`` source names a file, not a family: its template comes from the Hugging
+    Face directory it was converted into (``loaded.path``, whose config.json names the
+    architecture). Every other source resolves as :func:`resolve_chat_template` does.
+    """
+    source = loaded.source
+    if chat_template == "auto" and source.startswith("gguf:") and loaded.path is not None:
+        source = str(loaded.path)
+    return resolve_chat_template(source, chat_template)
+
+
 def stop_strings(template: str) -> list[str]:
     """End-of-turn markers that end a completion under `template`."""
     if template not in _STOP_STRINGS:
