@@ -43,6 +43,37 @@ def gguf_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+def test_generate_chats_with_a_gguf_export_in_its_runs_prompt_format(tiny, exports,
+                                                                    gguf_cache, monkeypatch,
+                                                                    capsys):
+    """``jaxpost generate "..." --chat --model gguf:FILE``, as the export's README says:
+    the run's system prompt and template, and nothing but the completion on stdout."""
+    from jaxpost import cli
+    from jaxpost.prompts import format_prompt
+    from jaxpost.sampling import chat_prompt, generate
+
+    monkeypatch.setenv("JAXPOST_CACHE", str(gguf_cache))
+    source = f"gguf:{exports['f16'] / 'model-f16.gguf'}"
+    question = "What is 7 + 5?"
+    args = ["generate", question, "--chat", "--model", source, "--max-new-tokens", "6"]
+    assert cli.main(args) == 0
+    trained = capsys.readouterr()
+    assert cli.main(args + ["--system-prompt", ""]) == 0
+    plain = capsys.readouterr()
+    # The first use of the file converts it; that progress goes to stderr.
+    assert "reading" in trained.err and "jaxpost" not in trained.out
+    assert "system prompt the model was trained with" in trained.err
+    assert "system prompt" not in plain.err
+
+    back = load_model(source, show_progress=False)
+    [want] = generate(back, format_prompt(question, run_config()), max_new_tokens=6)
+    [bare] = generate(back, chat_prompt(question, back), max_new_tokens=6)
+    assert trained.out == want + "\n" and plain.out == bare + "\n"
+    assert want != bare  # the system prompt reached the model
+    assert cli.main(["generate", question, "--system-prompt", "x"]) == 2
+    assert "add --chat" in capsys.readouterr().err
+
+
 def test_f16_loads_back_through_the_gguf_source(tiny, exports, gguf_cache, monkeypatch):
     from jaxpost.prompts import system_text
 
