@@ -250,12 +250,22 @@ def test_exports_replace_only_their_own_directories(tiny, tmp_path, capsys):
     with pytest.raises(ValueError, match="is a file"):
         hf_export.write_peft_adapter(loaded, arrays, tmp_path / "a-file", alpha=ALPHA)
 
-    out = hf_export.write_peft_adapter(loaded, arrays, tmp_path / "out", alpha=ALPHA)
+    out = hf_export.write_peft_adapter(loaded, arrays, tmp_path / "out", alpha=ALPHA,
+                                       config=run_config())
     (out / "notes.txt").write_text("added to an export")
-    hf_export.write_peft_adapter(loaded, arrays, out, alpha=ALPHA)  # replaces its own export
+    # Replaces its own export.
+    hf_export.write_peft_adapter(loaded, arrays, out, alpha=ALPHA, config=run_config())
     assert "removed its files that the new export does not write: notes.txt" in (
         capsys.readouterr().err)
     assert not (out / "notes.txt").exists() and (out / hf_export.PEFT_ADAPTER_FILE).is_file()
+    # Written through private temporary files, shared as any file the user writes.
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("README.md", "config.yaml"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 class _FakeHub(http.server.BaseHTTPRequestHandler):

@@ -234,6 +234,16 @@ def check_export_target(out: str | os.PathLike) -> None:
                          "exports; choose another --out, or empty it yourself")
 
 
+def _shareable(directory: Path) -> None:
+    """Gives an export the permissions of any file the user creates: the temporary files
+    and directory it was written through are private (0600 and 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def export_directory(out: str | os.PathLike) -> Iterator[Path]:
     """Yields an empty temporary directory that replaces ``out`` once the body has filled it.
@@ -253,6 +263,7 @@ def export_directory(out: str | os.PathLike) -> Iterator[Path]:
     with replacing_dir(out) as tmp:
         yield tmp
         removed = sorted(before - _files(tmp))
+        _shareable(tmp)
     if removed:
         print(f"jaxpost: replaced the previous export in {out}; removed its files that the "
               f"new export does not write: {', '.join(removed)}", file=sys.stderr, flush=True)
