@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +12,11 @@ from flax import nnx
 from tunix.rl import algo_core, common
 from tunix.rl.grpo.grpo_learner import GRPOConfig
 
+from jaxpost.config import ALGORITHMS, ColabTrainingConfig
 from jaxpost.fast_logits import _packing_group, completion_logps, prompt_group_size
 from jaxpost.lora import apply_lora
 from jaxpost.models import load_model
-from jaxpost.tunix_adapter import grpo_loss_chunked
+from jaxpost.tunix_adapter import grpo_loss_chunked, rl_algorithm_config
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,31 @@ def test_chunked_loss_matches_tunix(policy, beta, temperature):
     tunix, tunix_grads = _loss_and_grad(algo_core.grpo_loss_fn, model, example, config)
     assert ours == pytest.approx(tunix, rel=1e-4, abs=1e-6)
     assert abs(tunix) > 1e-3  # a real, non-trivial loss is being compared
+    for a, b in zip(our_grads, tunix_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_chunked_loss_matches_tunix_for_each_algorithm(policy, algorithm):
+    """Each algorithm's Tunix config (aggregation, upper clip, GSPO's sequence ratio),
+    with old log-probs near the policy's so that some ratios fall inside the clip range
+    and some outside."""
+    loaded, model = policy
+    run = ColabTrainingConfig(model="random:gemma3-tiny", algorithm=algorithm,
+                              num_generations=2)
+    config = rl_algorithm_config(run)
+    config.temperature = 0.9
+    example = _example(loaded)
+    current, _ = completion_logps(model, example.prompt_ids, example.completion_ids, 0,
+                                  temperature=0.9)
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 2 * run.clip_high, current.shape).astype(np.float32)
+    example = dataclasses.replace(example, old_per_token_logps=current + noise)
+    ours, our_grads = _loss_and_grad(grpo_loss_chunked, model, example, config)
+    tunix, tunix_grads = _loss_and_grad(algo_core.grpo_loss_fn, model, example, config)
+    assert ours == pytest.approx(tunix, rel=1e-4, abs=1e-6)
+    assert abs(tunix) > 1e-3
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in tunix_grads)
     for a, b in zip(our_grads, tunix_grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
 

@@ -240,3 +240,28 @@ def test_describe_mentions_key_settings():
     text = describe(get_preset("smoke"))
     for piece in ("random:gemma3-tiny", "reasoning-gym:basic_arithmetic", "G=2", "runs/smoke"):
         assert piece in text
+
+
+def test_every_model_source_form_load_model_takes_is_accepted():
+    """One list of prefixes: the config accepts what jaxpost.models.load_model loads."""
+    assert ColabTrainingConfig(model="gguf:/models/tiny.gguf").model == "gguf:/models/tiny.gguf"
+    with pytest.raises(ValueError, match="gguf:PATH"):
+        ColabTrainingConfig(model="s3:bucket/model")
+
+
+def test_the_config_and_the_cli_help_import_no_jax():
+    """Building a config (and ``jaxpost --help``) starts neither JAX nor Grain."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom jaxpost.config import ColabTrainingConfig, get_preset\n"
+            "ColabTrainingConfig(); get_preset('colab_tpu')\n"
+            "heavy = sorted(m for m in ('jax', 'grain', 'tunix', 'flax') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "jaxpost.cli", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "train" in r.stdout, r.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines()}
+    assert "jax" not in imported and "grain" not in imported

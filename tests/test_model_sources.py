@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxpost import hub, model_families
+from jaxpost import fast_logits, hub, model_families
 from jaxpost.mesh import make_mesh
 from jaxpost.models import load_model
 
@@ -670,6 +670,9 @@ def test_kaggle_gemma3_orbax_checkpoint_loads(tmp_path, mesh):
     loaded = hub.load_kaggle_checkpoint(root, km, "kaggle:test", mesh, jnp.float32,
                                         model_config=cfg)
     assert loaded.family == "gemma3" and loaded.model_config.param_dtype == jnp.float32
+    # jaxpost's memory path (chunked log-probs, decoding layout) as for any Gemma 3 source
+    assert type(loaded.model) is fast_logits.Gemma3TrimmedLogits
+    assert type(loaded.model.layers[0].attn) is fast_logits.DecodingAttention
     lay = loaded.model.layers[1]
     w = params["transformer/layer_1/mlp/gating_einsum"]["w"]
     np.testing.assert_array_equal(np.asarray(lay.mlp.gate_proj.kernel[...]), w[0].T)

@@ -178,3 +178,39 @@ def test_make_config_reads_notebook_settings(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("colab_tpu_v5e", cpu)
 
+
+
+@pytest.mark.parametrize("n, heads, mesh", [
+    (8, 4, (2, 4)),     # Gemma 3 1B: 4 query heads
+    (8, 2, (4, 2)),     # the tiny test model's 2 heads: tp=4 would not divide them
+    (8, 1, (8, 1)),
+    (8, 8, (2, 4)),
+    (4, None, (1, 4)),  # heads unknown before a download
+])
+def test_tpu_tensor_parallel_divides_the_query_heads(n, heads, mesh):
+    info = detect_platform(devices("tpu", "TPU v2", n, 8), environ={})
+    assert mesh_defaults(info, heads) == mesh
+
+
+def test_a_mesh_that_splits_heads_unevenly_is_refused_before_loading():
+    from jaxpost.models import attention_heads, check_tensor_parallel, load_model
+
+    assert attention_heads("kaggle:google/gemma-3/flax/gemma3-1b-it") == (4, 1)
+    assert attention_heads("embedded:gemma3-270m") == (4, 1)
+    assert attention_heads("random:gemma3-tiny") == (2, 1)
+    assert attention_heads("hf:google/gemma-3-1b-it") is None
+    check_tensor_parallel("kaggle:google/gemma-3/flax/gemma3-1b-it", 4)  # KV heads may pad
+    with pytest.raises(ValueError, match=r"mesh_tp=4 does not divide the 2 attention heads "
+                                         r"of random:gemma3-tiny: use mesh_tp in \[1, 2\]"):
+        load_model("random:gemma3-tiny", mesh_fsdp=1, mesh_tp=4)
+
+
+def test_attention_heads_of_a_local_directory(tmp_path):
+    import json
+
+    from jaxpost.models import attention_heads
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "qwen2", "num_attention_heads": 14, "num_key_value_heads": 2}))
+    assert attention_heads(str(tmp_path)) == (14, 2)
+    assert attention_heads(str(tmp_path / "missing")) is None

@@ -19,9 +19,16 @@ from typing import Any
 
 import yaml
 
-from jaxpost.judges import JUDGE_KINDS, REFERENCE_JUDGE
-from jaxpost.rubrics import AGGREGATIONS, CATEGORIES, DEFAULT_CATEGORY_WEIGHTS
 from jaxpost.rundir import RunDir
+
+# Rubric and judge vocabularies, here so that importing the config imports no JAX
+# (jaxpost.rubrics and jaxpost.judges use these).
+JUDGE_KINDS = ("model", "api", "lexical")
+REFERENCE_JUDGE = "reference"
+CATEGORIES = ("essential", "important", "optional", "pitfall")
+# RaR's own scale: Essential 5, Important 3-4, Optional 1-2, Pitfall -1 to -2.
+DEFAULT_CATEGORY_WEIGHTS = (5.0, 3.0, 1.0, 2.0)
+AGGREGATIONS = ("explicit", "implicit")
 
 DEFAULT_LORA_TARGETS = (
     ".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
@@ -34,9 +41,22 @@ DEFAULT_SYSTEM_PROMPT = (
     "<answer> and </answer>."
 )
 
-MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle")
-_MODEL_FORMS = "embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, kaggle:HANDLE"
+# Model source prefixes (jaxpost.models.load_model reads this one list).
+MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle", "gguf")
+_MODEL_FORMS = ("embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, "
+                "kaggle:HANDLE, gguf:PATH")
 DTYPES = ("float32", "bfloat16")
+# The RL objective (see jaxpost.tunix_adapter.build_rl_learner): GRPO and its relatives,
+# all run by Tunix's GRPO-family learners on the same rollouts.
+ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo")
+# Per algorithm: beta, epsilon and epsilon_high when the config leaves them None.
+ALGORITHM_DEFAULTS: dict[str, dict[str, float]] = {
+    "grpo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
+    "dapo": {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28},
+    "dr_grpo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
+    "gspo": {"beta": 0.0, "epsilon": 3e-4, "epsilon_high": 4e-4},
+    "rloo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
+}
 # One-digit sums and differences: a task the 270M base model can get better at in minutes.
 DEFAULT_DATASET = ("reasoning-gym:basic_arithmetic#min_terms=2&max_terms=2&min_digits=1"
                    "&max_digits=1&operators=+,-&allow_parentheses=false&allow_negation=false")
@@ -45,7 +65,7 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_-]+")
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _NONE = ("none", "null")
 
-_POSITIVE = ("lora_rank", "lora_alpha", "epsilon", "temperature", "top_k", "max_examples",
+_POSITIVE = ("lora_rank", "lora_alpha", "epsilon", "epsilon_high", "temperature", "top_k", "max_examples",
              "max_prompt_length", "max_new_tokens", "learning_rate", "max_grad_norm",
              "batch_size", "num_batches", "mini_batch_size", "micro_batch_size",
              "save_interval_steps", "max_to_keep", "log_every_steps", "mesh_fsdp", "mesh_tp",
@@ -124,11 +144,20 @@ class ColabTrainingConfig:
         is warmup_ratio of sft_steps). sft_batch_size: demonstrations per step.
       sft_max_grad_norm: global-norm clip of the warm-up's gradients (None = no clip).
       The loss is the mean negative log-likelihood of the completion tokens only.
-    GRPO (Shao et al. 2024, "DeepSeekMath"):
+    GRPO (Shao et al. 2024, "DeepSeekMath") and its relatives:
+      algorithm: the objective, one of ALGORITHMS: "grpo"; "dapo" (Yu et al. 2025:
+        clip-higher, token-level loss, no KL); "dr_grpo" (Liu et al. 2025: advantages
+        not divided by the group's std, loss not divided by each completion's length);
+        "gspo" (Zheng et al. 2025: one importance ratio per sequence, clipped tightly);
+        "rloo" (Ahmadian et al. 2024: leave-one-out baseline). None in beta, epsilon and
+        epsilon_high takes the algorithm's own value (ALGORITHM_DEFAULTS).
       num_generations: G, completions sampled per prompt (group size for the baseline).
       num_iterations: mu, policy updates per batch of generations.
-      beta: beta, KL-penalty coefficient against the reference model.
-      epsilon: epsilon, PPO-style ratio clipping range.
+      beta: beta, KL-penalty coefficient against the reference model (None: 0.04, or 0
+        for DAPO and GSPO, which train without it).
+      epsilon, epsilon_high: epsilon_low and epsilon_high, the ratio's clipping range
+        [1 - epsilon, 1 + epsilon_high] (None: 0.2 and 0.2; DAPO 0.2 and 0.28; GSPO,
+        whose ratio is a per-token average, 3e-4 and 4e-4).
       temperature, top_k, top_p: sampling settings for rollouts (None disables a filter).
       max_prompt_length: prompt tokens kept. max_new_tokens: completion token budget.
     Optimisation (AdamW):
@@ -196,10 +225,12 @@ class ColabTrainingConfig:
     sft_batch_size: int = 8
     sft_max_grad_norm: float | None = 1.0
 
+    algorithm: str = "grpo"
     num_generations: int = 4
     num_iterations: int = 1
-    beta: float = 0.04
-    epsilon: float = 0.2
+    beta: float | None = None
+    epsilon: float | None = None
+    epsilon_high: float | None = None
     temperature: float = 0.9
     top_k: int | None = 50
     top_p: float | None = 1.0
@@ -248,7 +279,8 @@ class ColabTrainingConfig:
             prefix, _, rest = v.model.partition(":")
             _require(prefix in MODEL_PREFIXES and rest != "", "model", v.model,
                      f"expected one of {_MODEL_FORMS}")
-        for name, choices in (("dtype", DTYPES), ("chat_template", CHAT_TEMPLATES)):
+        for name, choices in (("dtype", DTYPES), ("chat_template", CHAT_TEMPLATES),
+                              ("algorithm", ALGORITHMS)):
             _require(getattr(v, name) in choices, name, getattr(v, name), f"one of {choices}")
         try:
             re.compile(v.lora_target_modules)
@@ -283,6 +315,7 @@ class ColabTrainingConfig:
             value = getattr(v, name)
             # The type check already let None through only for optional fields.
             _require(value is None or ok(value), name, value, allowed)
+        self._validate_algorithm()
         if v.mini_batch_size is not None and v.batch_size % v.mini_batch_size:
             raise ValueError(f"mini_batch_size={v.mini_batch_size} is invalid: must divide "
                              f"batch_size={v.batch_size}")
@@ -311,6 +344,15 @@ class ColabTrainingConfig:
             raise ValueError(f"max_steps={v.max_steps} is invalid: must be >= 0 (0 = the SFT "
                              "warm-up alone) or None")
 
+    def _validate_algorithm(self):
+        v = self
+        if v.algorithm == "dapo" and v.beta:
+            raise ValueError(f"beta={v.beta} does not apply to algorithm='dapo': DAPO trains "
+                             "without a KL penalty; set beta=0 or leave it None")
+        if self.clip_high < self.clip_low:
+            raise ValueError(f"epsilon_high={self.clip_high} is invalid: the upper clip must "
+                             f"be >= epsilon={self.clip_low} (algorithm={v.algorithm!r})")
+
     def _validate_judge(self):
         v = self
         for name, choices in (("judge", JUDGE_KINDS), ("rubric_aggregation", AGGREGATIONS)):
@@ -337,6 +379,29 @@ class ColabTrainingConfig:
                      "judge='api' needs the server's URL, e.g. https://api.example.com/v1")
             _require(v.judge_api_model != "", "judge_api_model", v.judge_api_model,
                      "judge='api' needs the model name the server serves")
+
+    @property
+    def kl_beta(self) -> float:
+        """beta, or the algorithm's own when the config leaves it None."""
+        return ALGORITHM_DEFAULTS[self.algorithm]["beta"] if self.beta is None else self.beta
+
+    @property
+    def clip_low(self) -> float:
+        """epsilon (the ratio's lower clip), or the algorithm's own when None."""
+        if self.epsilon is None:
+            return ALGORITHM_DEFAULTS[self.algorithm]["epsilon"]
+        return self.epsilon
+
+    @property
+    def clip_high(self) -> float:
+        """epsilon_high; when None, the algorithm's own, shifted with epsilon where that
+        was set (so DAPO's clip stays 0.08 higher than its lower one)."""
+        if self.epsilon_high is not None:
+            return self.epsilon_high
+        defaults = ALGORITHM_DEFAULTS[self.algorithm]
+        if self.epsilon is None:
+            return defaults["epsilon_high"]
+        return self.epsilon + defaults["epsilon_high"] - defaults["epsilon"]
 
     @property
     def total_steps(self) -> int:
@@ -681,8 +746,8 @@ def describe(config: ColabTrainingConfig) -> str:
         *([f"SFT:      {c.sft_steps} steps of {c.sft_batch_size} demonstrations from "
            f"{c.sft_data!r}, lr={c.sft_learning_rate:g}"] if c.sft_steps else []),
         f"steps:    {c.total_steps} (warmup {c.warmup_steps}), batch_size={c.batch_size} prompts",
-        f"GRPO:     G={c.num_generations} mu={c.num_iterations} beta={c.beta} "
-        f"epsilon={c.epsilon}",
+        f"RL:       {c.algorithm} G={c.num_generations} mu={c.num_iterations} "
+        f"beta={c.kl_beta:g} epsilon=[{c.clip_low:g}, {c.clip_high:g}]",
         f"optim:    lr={c.learning_rate:g} max_new_tokens={c.max_new_tokens}",
         *([f"rubric:   judge={c.judge} "
            f"({c.judge_api_model if c.judge == 'api' else c.judge_model}), "

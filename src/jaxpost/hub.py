@@ -16,6 +16,7 @@ Kaggle. No secret is ever printed or put into an error message.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from pathlib import Path
@@ -267,6 +268,7 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
     import jax
     from flax import nnx
 
+    from jaxpost import fast_logits
     from jaxpost.models import LoadedModel, load_sentencepiece
 
     ckpt = kaggle_checkpoint_dir(root, km.variation)
@@ -278,6 +280,7 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
             cfg = dataclasses.replace(model_config or km.model_config(), param_dtype=dtype)
             model = gemma3_params.create_model_from_checkpoint(
                 str(ckpt.resolve()), cfg, mesh=mesh, dtype=dtype)
+            fast_logits.enable(model)
         else:
             from tunix.models.gemma import model as gemma_model
             from tunix.models.gemma import params as gemma_params
@@ -290,6 +293,9 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
             shardings = nnx.get_named_sharding(state, mesh)
             nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x.astype(dtype), s),
                                            state, shardings))
+            logging.getLogger(__name__).info(
+                "%s is a %s model: its loss uses Tunix's full logits (jaxpost's chunked "
+                "log-probs and decoding loop are written for Gemma 3)", source, km.family)
     ids = [tokenizer.eos_id()]
     end_of_turn = tokenizer.tokenizer.PieceToId("<end_of_turn>")
     if end_of_turn not in (tokenizer.tokenizer.unk_id(), *ids):

@@ -41,12 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from jaxpost.config import JUDGE_KINDS, REFERENCE_JUDGE  # noqa: F401  (re-exported)
 from jaxpost.rubrics import CATEGORIES, CriterionQuery, RubricQuery
 
 logger = logging.getLogger("jaxpost.judges")
 
-JUDGE_KINDS = ("model", "api", "lexical")
-REFERENCE_JUDGE = "reference"
 
 _CRITERION_PROMPT = (
     "You grade answers. Read the question, the answer and one criterion, then reply "

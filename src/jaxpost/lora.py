@@ -20,7 +20,6 @@ import re
 import jax
 from flax import nnx
 
-from jaxpost.mesh import use_mesh
 
 DEFAULT_TARGETS = (".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
                    "|q_proj|k_proj|v_proj|o_proj)")
@@ -54,15 +53,17 @@ def apply_lora(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: int = 8
         raise ValueError(f"lora_target_modules={target_modules!r} is not a valid regex: {e}") from e
     provider = qwix.LoraProvider(module_path=target_modules, rank=rank, alpha=alpha)
     inputs = base_model.get_model_input()
-    with use_mesh(mesh):
-        lora_model = qwix.apply_lora_to_model(base_model, provider, rngs=nnx.Rngs(seed), **inputs)
-        state = nnx.state(lora_model, nnx.LoRAParam)
-        if not jax.tree.leaves(state):
-            raise ValueError(
-                f"lora_target_modules={target_modules!r} matched no module of this model; "
-                f"module paths look like 'layers/0/attn/q_einsum' or 'layers/0/mlp/up_proj'")
-        sharded = jax.lax.with_sharding_constraint(state, nnx.get_named_sharding(state, mesh))
-        nnx.update(lora_model, sharded)
+    # Outside the mesh context: qwix runs one eager forward pass, and under a TPU mesh
+    # Tunix's activation sharding would split the key projection's heads over 'tp' eagerly,
+    # which fails when tp does not divide them (Gemma 3 1B has one KV head, the TPU presets
+    # tp=4). Inside jit the same constraint pads instead. Tunix's own demos apply LoRA so.
+    lora_model = qwix.apply_lora_to_model(base_model, provider, rngs=nnx.Rngs(seed), **inputs)
+    state = nnx.state(lora_model, nnx.LoRAParam)
+    if not jax.tree.leaves(state):
+        raise ValueError(
+            f"lora_target_modules={target_modules!r} matched no module of this model; "
+            f"module paths look like 'layers/0/attn/q_einsum' or 'layers/0/mlp/up_proj'")
+    nnx.update(lora_model, jax.device_put(state, lora_shardings(state, mesh)))
     for _, module in nnx.iter_modules(lora_model):
         if (getattr(module, "kernel_lora_a", None) is not None
                 or getattr(module, "w_lora_a", None) is not None):
@@ -71,6 +72,24 @@ def apply_lora(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: int = 8
             # it in its rule.
             module.lora_scale = alpha / rank
     return lora_model
+
+
+def lora_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """Named shardings for LoRA parameters: their annotated partitioning, where it divides.
+
+    qwix annotates each adapter with its base weight's axes, so an adapter dimension of
+    size 1 (the single KV head of Gemma 3 1B) or of rank r can be named for a mesh axis
+    that does not divide it; such a dimension is replicated instead.
+    """
+    def fit(array, sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+        spec = []
+        for size, axes in zip(array.shape, tuple(sharding.spec) + (None,) * array.ndim):
+            names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            parts = math.prod(mesh.shape[name] for name in names)
+            spec.append(axes if size % parts == 0 else None)
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    return jax.tree.map(fit, state, nnx.get_named_sharding(state, mesh))
 
 
 def lora_state(model: nnx.Module) -> nnx.State:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpost import cache, fast_logits
+from jaxpost.config import MODEL_PREFIXES
 from jaxpost.mesh import make_mesh, use_mesh
 
 SOURCE_FORMS = (
@@ -333,6 +334,60 @@ def load_local_dir(path: Path, source: str, mesh, dtype) -> LoadedModel:
     return loader(path, source, mesh, dtype)
 
 
+def attention_heads(source: str) -> tuple[int, int] | None:
+    """``(query heads, KV heads)`` of a model source, known without loading its weights.
+
+    Read from the Tunix preset of a ``kaggle:`` Flax variation, the embedded and random
+    models' configs, or a local directory's ``config.json``; None where only a download
+    would tell (``hf:``, ``gguf:``, Kaggle ``transformers`` handles).
+    """
+    from tunix.models.gemma3 import model as gemma3
+
+    prefix, sep, rest = source.partition(":")
+    if sep and prefix == "embedded" and rest in EMBEDDED_MODELS:
+        cfg = gemma3.ModelConfig.gemma3_270m()
+    elif sep and prefix == "random" and rest in RANDOM_MODELS:
+        cfg = tiny_gemma3_config(1, jnp.float32)
+    elif sep and prefix == "kaggle":
+        from jaxpost import hub
+
+        try:
+            km = hub.parse_kaggle_handle(rest)
+        except ValueError:
+            return None  # load_model reports the malformed handle
+        if km.framework != "flax":
+            return None
+        cfg = km.model_config()
+    else:
+        config_file = Path(source).expanduser() / "config.json"
+        if sep and "/" not in prefix or not config_file.is_file():
+            return None
+        hf = json.loads(config_file.read_text())
+        heads = hf.get("num_attention_heads")
+        if not isinstance(heads, int):
+            return None
+        return heads, hf.get("num_key_value_heads") or heads
+    return cfg.num_heads, cfg.num_kv_heads
+
+
+def check_tensor_parallel(source: str, mesh_tp: int) -> None:
+    """Refuses a ``tp`` mesh axis that does not divide the model's query heads.
+
+    The query projection is split over ``tp`` by head when the weights are placed, so
+    such a mesh would fail there, after a download; KV heads that ``tp`` does not divide
+    (Gemma 3 1B has one) are fine: inside compiled steps XLA pads them.
+
+    Raises:
+      ValueError: naming the heads and the ``mesh_tp`` values that work.
+    """
+    heads = attention_heads(source)
+    if heads is None or heads[0] % mesh_tp == 0:
+        return
+    ok = [t for t in range(1, heads[0] + 1) if heads[0] % t == 0]
+    raise ValueError(f"mesh_tp={mesh_tp} does not divide the {heads[0]} attention heads of "
+                     f"{source}: use mesh_tp in {ok} (and mesh_fsdp = devices / mesh_tp)")
+
+
 def load_model(
     source: str = "embedded:gemma3-270m",
     *,
@@ -360,9 +415,10 @@ def load_model(
     jdtype = _dtype(dtype)
     if not isinstance(source, str) or not source.strip():
         raise _source_error(str(source), "empty source")
+    check_tensor_parallel(source, mesh.shape["tp"] if mesh is not None else mesh_tp)
     mesh = mesh or make_mesh(mesh_fsdp, mesh_tp)
     prefix, sep, rest = source.partition(":")
-    if sep and "/" not in prefix and prefix in ("embedded", "random", "hf", "kaggle", "gguf"):
+    if sep and "/" not in prefix and prefix in MODEL_PREFIXES:
         if prefix == "embedded":
             if rest not in EMBEDDED_MODELS:
                 raise _source_error(source, f"unknown embedded model {rest!r}")

@@ -134,19 +134,21 @@ def detect_platform(devices=None, environ: Mapping[str, str] | None = None) -> P
                         name=_platform_name(kind, device_kind, len(devices)))
 
 
-def mesh_defaults(info: PlatformInfo) -> tuple[int | None, int]:
-    """``(mesh_fsdp, mesh_tp)`` for the platform.
+def mesh_defaults(info: PlatformInfo, num_heads: int | None = None) -> tuple[int | None, int]:
+    """``(mesh_fsdp, mesh_tp)`` for the platform and a model with ``num_heads`` query heads.
 
-    TPUs shard heads four ways where the device count allows (Tunix's Gemma demos use
-    ``tp=4``) and parameters over the rest; GPUs shard parameters over all devices; a
-    CPU uses every device JAX shows (one, unless ``--xla_force_host_platform_device_count``).
+    TPUs shard heads four ways where the device count and the heads allow (Tunix's Gemma
+    demos use ``tp=4``), else two ways or not at all, and parameters over the rest; GPUs
+    shard parameters over all devices; a CPU uses every device JAX shows (one, unless
+    ``--xla_force_host_platform_device_count``). ``num_heads`` None assumes any ``tp``
+    divides them (see :func:`jaxpost.models.attention_heads`).
     """
     n = info.num_devices
     if info.kind == "cpu":
         return None, 1
     if info.kind == "gpu" or n == 1:
         return n, 1
-    tp = 4 if n % 4 == 0 else (2 if n % 2 == 0 else 1)
+    tp = next(t for t in (4, 2, 1) if n % t == 0 and (num_heads is None or num_heads % t == 0))
     return n // tp, tp
 
 
@@ -184,8 +186,11 @@ def memory_defaults(info: PlatformInfo, config: ColabTrainingConfig) -> dict[str
 def auto_config(info: PlatformInfo | None = None) -> ColabTrainingConfig:
     """The preset for the platform with its mesh and memory defaults applied."""
     info = info or detect_platform()
+    from jaxpost.models import attention_heads
+
     config = get_preset(info.preset)
-    fsdp, tp = mesh_defaults(info)
+    heads = attention_heads(config.model)
+    fsdp, tp = mesh_defaults(info, heads[0] if heads else None)
     return dataclasses.replace(config, mesh_fsdp=fsdp, mesh_tp=tp,
                                **memory_defaults(info, config))
 

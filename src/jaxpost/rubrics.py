@@ -36,14 +36,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+from jaxpost.config import (  # noqa: F401  (re-exported)
+    AGGREGATIONS,
+    CATEGORIES,
+    DEFAULT_CATEGORY_WEIGHTS,
+)
 from jaxpost.data import read_jsonl
 
 logger = logging.getLogger("jaxpost.rubrics")
 
-CATEGORIES = ("essential", "important", "optional", "pitfall")
-# RaR's own scale: Essential 5, Important 3-4, Optional 1-2, Pitfall -1 to -2.
-DEFAULT_CATEGORY_WEIGHTS = (5.0, 3.0, 1.0, 2.0)
-AGGREGATIONS = ("explicit", "implicit")
 DEMO_RUBRICS = "rubrics_demo.jsonl"
 
 # Hub datasets: name -> (repo id, default split). Columns are mapped in _ROW_MAPPERS.

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -20,7 +22,7 @@ from flax import nnx
 from tunix.rl import algo_core, common, function_registry
 from tunix.rl import utils as rl_utils
 from tunix.rl import rl_cluster as rl_cluster_lib
-from tunix.rl.grpo import grpo_learner
+from tunix.rl.grpo import drgrpo_learner, grpo_learner
 from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger, peft_trainer
 
@@ -45,15 +47,23 @@ def grpo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwarg
     and then applies Tunix's objective unchanged: the clipped ratio (epsilon, and
     epsilon_high when set), the KL penalty beta * KL(policy || reference) with Tunix's
     estimator, and its loss aggregation. Models without trimmed-logit support use
-    Tunix's own loss. A test checks that loss and gradients match Tunix's.
+    Tunix's own loss. Covers Tunix's GRPO-family variants (loss aggregation modes,
+    upper clip, ``gspo-token``); a test checks that loss and gradients match Tunix's
+    for each algorithm of :func:`rl_algorithm_config`.
     """
     from jaxpost.fast_logits import Gemma3TrimmedLogits, completion_logps
 
     tunix_only = (getattr(train_example, "segment_ids", None) is not None
                   or getattr(train_example, "sampler_is_weights", None) is not None
                   or getattr(algo_config, "epsilon_c", None) is not None
-                  or algo_config.loss_algo != "grpo")
+                  or algo_config.loss_algo not in ("grpo", "gspo-token"))
     if not isinstance(model, Gemma3TrimmedLogits) or tunix_only:
+        # Logged when the step is traced, i.e. once per compilation, not per step.
+        why = (f"{type(model).__name__} is not a Gemma 3 model" if not tunix_only else
+               "this GRPO variant (segment ids, sampler weights, epsilon_c or another "
+               "loss_algo) is Tunix's alone")
+        logging.getLogger(__name__).info(
+            "GRPO loss: Tunix's full-logits loss, not jaxpost's chunked one: %s", why)
         return algo_core.grpo_loss_fn(model, train_example, algo_config, pad_id, eos_id,
                                       **kwargs)
     import jax.numpy as jnp
@@ -72,6 +82,12 @@ def grpo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwarg
     else:
         old = train_example.old_per_token_logps.astype(jnp.float32)
     log_ratio = jnp.clip(logps - old, min=-20.0, max=20.0)
+    if algo_config.loss_algo == "gspo-token":
+        # GSPO: every token takes its sequence's mean log-ratio as value, and its own
+        # log-prob's gradient (Zheng et al. 2025, eq. 10), as Tunix computes it.
+        seq = (log_ratio * mask).sum(axis=-1) / jnp.clip(mask.sum(-1), min=1)
+        log_ratio = logps - jax.lax.stop_gradient(logps) + jax.lax.stop_gradient(seq)[:, None]
+        log_ratio = jnp.clip(log_ratio, max=10.0)
     ratio = jnp.exp(log_ratio)
     adv = train_example.advantages.astype(jnp.float32)
     adv = adv if adv.ndim == 2 else adv[:, None]
@@ -431,20 +447,74 @@ def keep_frozen_weights_in_place(trainer) -> None:
     trainer.clear_jit_cache = types.MethodType(clear_jit_cache, trainer)
 
 
+@dataclasses.dataclass(kw_only=True)
+class GRPOClipConfig(grpo_learner.GRPOConfig):
+    """Tunix's ``GRPOConfig`` with an upper clip ``epsilon_high`` (epsilon_high in DAPO).
+
+    Only Tunix's ``DAPOConfig`` declares the field; its GRPO loss reads it from any
+    config that has it, as jaxpost's chunked loss does.
+    """
+
+    epsilon_high: float = 0.2
+
+
+@dataclasses.dataclass(kw_only=True)
+class DrGRPOClipConfig(drgrpo_learner.DrGRPOConfig):
+    """Tunix's ``DrGRPOConfig`` with an upper clip ``epsilon_high`` (see GRPOClipConfig)."""
+
+    epsilon_high: float = 0.2
+
+
+def rl_algorithm_config(config: Any) -> grpo_learner.GRPOConfig:
+    """Tunix's algorithm config for ``config.algorithm``, with G, mu, beta and epsilons.
+
+    Every algorithm is a GRPO-family config of Tunix's, with jaxpost's chunked loss as
+    its policy loss (which computes Tunix's objective for each, see
+    :func:`grpo_loss_chunked`):
+
+    - ``grpo``: group-normalised advantages, sequence-mean-token-mean loss.
+    - ``dapo``: Tunix's ``DAPOConfig``: clip-higher, token-mean loss, no KL. Its
+      overlong-length reward shaping is off: Tunix measures the length in characters,
+      against token budgets; the run's ``max_new_tokens`` already bounds completions.
+    - ``dr_grpo``: Tunix's ``DrGRPOConfig``: advantages minus the group mean (no std
+      division), each completion's loss summed and divided by the longest possible.
+    - ``gspo``: Tunix's ``gspo-token`` loss: the sequence's mean log-ratio as every
+      token's ratio (gradient per token), clipped to [1 - epsilon, 1 + epsilon_high].
+    - ``rloo``: leave-one-out baseline: each completion's reward minus the mean of the
+      others in its group.
+    """
+    from tunix.rl.grpo import dapo_learner
+
+    common_args = dict(num_generations=config.num_generations,
+                       num_iterations=config.num_iterations, beta=config.kl_beta,
+                       epsilon=config.clip_low, epsilon_high=config.clip_high,
+                       policy_loss_fn=CHUNKED_GRPO_LOSS)
+    if config.algorithm == "dapo":
+        # Tunix's DAPOConfig accepts only beta=None, and its learner then runs the
+        # reference model for a KL term it never uses (None != 0.0): 0 once validated.
+        algo = dapo_learner.DAPOConfig(overlong_buffer=None, dynamic_sampling=False,
+                                       **(common_args | {"beta": None}))
+        algo.beta = 0.0
+        return algo
+    if config.algorithm == "dr_grpo":
+        return DrGRPOClipConfig(**common_args)
+    if config.algorithm == "gspo":
+        return GRPOClipConfig(loss_algo="gspo-token", **common_args)
+    if config.algorithm == "rloo":
+        return GRPOClipConfig(advantage_estimator="rloo", **common_args)
+    if config.algorithm != "grpo":
+        raise ValueError(f"algorithm={config.algorithm!r} has no Tunix learner here")
+    return GRPOClipConfig(**common_args)
+
+
 def build_grpo_learner(cluster, config: Any, reward_fns: list[Callable],
                        metric_fns: Sequence[Callable] = ()):
-    """Tunix's GRPO learner with G, mu, beta and epsilon from ``config``.
+    """Tunix's GRPO-family learner for ``config.algorithm`` (see :func:`rl_algorithm_config`).
 
     ``metric_fns`` are called once per rollout batch after the rewards, with Tunix's
     metric-function signature, and return ``{name: (value, aggregate_fn)}``.
     """
-    algo = grpo_learner.GRPOConfig(
-        num_generations=config.num_generations,
-        num_iterations=config.num_iterations,
-        beta=config.beta,
-        epsilon=config.epsilon,
-        policy_loss_fn=CHUNKED_GRPO_LOSS,
-    )
+    algo = rl_algorithm_config(config)
     return grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns,
                                     metric_fns=list(metric_fns) or None)
 
