@@ -14,7 +14,7 @@ import pytest
 
 from jaxpost import cache, gguf_export, gguf_import, hf_export
 from jaxpost.models import load_model
-from test_hf_export import ALPHA, logits_of, tiny_lora_setup
+from test_hf_export import ALPHA, logits_of, run_config, tiny_lora_setup
 
 TEXTS = ["Calculate 3 + 4. <reasoning>3 plus 4</reasoning><answer>7</answer>",
          "<start_of_turn>user\nHi  there\n\n<end_of_turn>\n", "naïve café 東京 🙂"]
@@ -27,21 +27,66 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def exports(tiny, tmp_path_factory):
+    """Both types; f16 with a run's config (its prompt format goes into the file), q8_0
+    without (the family's template, no system prompt)."""
     loaded, arrays, _ = tiny
     root = tmp_path_factory.mktemp("gguf")
     return {t: gguf_export.write_gguf_export(loaded, root / t, lora=arrays, alpha=ALPHA,
-                                             gguf_type=t, metrics={"step": 1})
+                                             gguf_type=t, metrics={"step": 1},
+                                             config=run_config() if t == "f16" else None)
             for t in gguf_export.GGUF_TYPES}
 
 
-def test_f16_loads_back_through_the_gguf_source(tiny, exports, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def gguf_cache(tmp_path_factory):
+    """A jaxpost cache shared by the tests that load the f16 file (converted once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_generate_chats_with_a_gguf_export_in_its_runs_prompt_format(tiny, exports,
+                                                                    gguf_cache, monkeypatch,
+                                                                    capsys):
+    """``jaxpost generate "..." --chat --model gguf:FILE``, as the export's README says:
+    the run's system prompt and template, and nothing but the completion on stdout."""
+    from jaxpost import cli
+    from jaxpost.prompts import format_prompt
+    from jaxpost.sampling import chat_prompt, generate
+
+    monkeypatch.setenv("JAXPOST_CACHE", str(gguf_cache))
+    source = f"gguf:{exports['f16'] / 'model-f16.gguf'}"
+    question = "What is 7 + 5?"
+    args = ["generate", question, "--chat", "--model", source, "--max-new-tokens", "6"]
+    assert cli.main(args) == 0
+    trained = capsys.readouterr()
+    assert cli.main(args + ["--system-prompt", ""]) == 0
+    plain = capsys.readouterr()
+    # The first use of the file converts it; that progress goes to stderr.
+    assert "reading" in trained.err and "jaxpost" not in trained.out
+    assert "system prompt the model was trained with" in trained.err
+    assert "system prompt" not in plain.err
+
+    back = load_model(source, show_progress=False)
+    [want] = generate(back, format_prompt(question, run_config()), max_new_tokens=6)
+    [bare] = generate(back, chat_prompt(question, back), max_new_tokens=6)
+    assert trained.out == want + "\n" and plain.out == bare + "\n"
+    assert want != bare  # the system prompt reached the model
+    assert cli.main(["generate", question, "--system-prompt", "x"]) == 2
+    assert "add --chat" in capsys.readouterr().err
+
+
+def test_f16_loads_back_through_the_gguf_source(tiny, exports, gguf_cache, monkeypatch):
+    from jaxpost.prompts import system_text
+
     loaded, _, want = tiny
     out = exports["f16"]
     file = out / "model-f16.gguf"
     assert {p.name for p in out.iterdir()} == {file.name, "Modelfile", "README.md",
-                                               "metrics.json"}
-    assert "FROM ./model-f16.gguf" in (out / "Modelfile").read_text()
-    monkeypatch.setenv("JAXPOST_CACHE", str(tmp_path))  # the tiny model is already loaded
+                                               "metrics.json", "config.yaml"}
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in modelfile
+    assert f'SYSTEM """{system_text(run_config())}"""' in modelfile
+    assert "PARAMETER stop <end_of_turn>" in modelfile
+    monkeypatch.setenv("JAXPOST_CACHE", str(gguf_cache))  # the tiny model is already loaded
     back = load_model(f"gguf:{file}", show_progress=False)
     assert (cache.cache_root() / "models" / f"gguf-{cache.file_digest(file)}").is_dir()
     got = logits_of(back, back.model)
@@ -79,6 +124,18 @@ def test_q8_0_metadata_and_logits(tiny, exports, tmp_path):
     assert len(r.fields["tokenizer.ggml.tokens"].data) == sp.vocab_size()
     assert (f("tokenizer.ggml.bos_token_id"), f("tokenizer.ggml.eos_token_id"),
             f("tokenizer.ggml.padding_token_id")) == (sp.bos_id(), sp.eos_id(), sp.pad_id())
+    # The prompt format (without a run's config: Gemma's, no system prompt) and the
+    # special tokens llama.cpp needs to hold a chat.
+    from jaxpost.prompts import jinja_chat_template
+
+    assert f("tokenizer.chat_template") == jinja_chat_template("gemma", "")
+    eot = sp.piece_to_id("<end_of_turn>")
+    assert f("tokenizer.ggml.eot_token_id") == eot and eot in loaded.eos_ids
+    token_types = r.fields["tokenizer.ggml.token_type"]
+    for marker in ("<start_of_turn>", "<end_of_turn>"):
+        assert token_types.contents(sp.piece_to_id(marker)) == 3, marker  # control
+    assert "SYSTEM" not in (exports["q8_0"] / "Modelfile").read_text()
+
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types["blk.1.attn_k.weight"] == types["token_embd.weight"] == "Q8_0"
     assert types["output_norm.weight"] == types["blk.0.attn_q_norm.weight"] == "F32"

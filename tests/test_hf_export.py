@@ -65,18 +65,29 @@ def base_dir(tiny, tmp_path_factory):
     return hf_export.write_hf_model(loaded, tmp_path_factory.mktemp("x") / "base")
 
 
+def run_config():
+    """The config of a run on the tiny model (the smoke preset's prompt format)."""
+    import dataclasses
+
+    from jaxpost.config import get_preset
+
+    return dataclasses.replace(get_preset("smoke"), lora_rank=RANK, lora_alpha=ALPHA, seed=0,
+                               dtype="float32")
+
+
 @pytest.fixture(scope="module")
 def merged_dir(tiny, tmp_path_factory):
     loaded, arrays, _ = tiny
     return hf_export.write_hf_model(loaded, tmp_path_factory.mktemp("x") / "merged",
-                                    lora=arrays, alpha=ALPHA, metrics={"step": 3})
+                                    lora=arrays, alpha=ALPHA, config=run_config(),
+                                    metrics={"step": 3})
 
 
 @pytest.fixture(scope="module")
 def peft_dir(tiny, tmp_path_factory):
     loaded, arrays, _ = tiny
     return hf_export.write_peft_adapter(loaded, arrays, tmp_path_factory.mktemp("x") / "peft",
-                                        alpha=ALPHA, metrics={"step": 3})
+                                        alpha=ALPHA, config=run_config(), metrics={"step": 3})
 
 
 def test_peft_names_shapes_and_config_follow_hf_dims(tiny, peft_dir, base_dir):
@@ -144,6 +155,47 @@ def test_base_dir_round_trips_exactly(tiny, base_dir):
     np.testing.assert_array_equal(logits_of(back, back.model), logits_of(loaded, loaded.model))
 
 
+# Where transformers' own conversion of Gemma's tokenizer.model splits otherwise: runs of
+# spaces; and the chat markers, digits, accents, CJK and emoji.
+TOKENIZER_TEXTS = ["a  b   c" + " " * 40 + "d", "  leading", "Calculate 3 + 4.\n\n\t1234",
+                   "<start_of_turn>user\n<reasoning>3 plus 4</reasoning><end_of_turn>",
+                   "naïve café 東京 🙂"]
+
+
+def test_exports_carry_the_tokenizer_and_the_runs_prompt_format(tiny, peft_dir, merged_dir):
+    """What the tracker found missing: a tokenizer that adds BOS, a tokenizer.json, the
+    chat template with the run's system prompt, the end-of-turn ids."""
+    import tokenizers
+
+    from jaxpost.prompts import format_prompt, jinja_chat_template, system_text
+
+    loaded = tiny[0]
+    config = run_config()
+    for path in (peft_dir, merged_dir):
+        tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+        assert tok_cfg["add_bos_token"] is True and tok_cfg["add_eos_token"] is False
+        assert tok_cfg["chat_template"] == jinja_chat_template("gemma", system_text(config))
+        assert system_text(config) in tok_cfg["chat_template"]
+        assert (path / "tokenizer.model").is_file()
+        fast = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        for text in TOKENIZER_TEXTS:
+            assert fast.encode(text).ids == loaded.tokenizer.encode(text), text
+    generation = json.loads((merged_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == list(loaded.eos_ids) and 106 in loaded.eos_ids
+
+    transformers = pytest.importorskip("transformers")
+    question = "What is 7 + 5?"
+    want = loaded.tokenizer.encode(format_prompt(question, config, template="gemma"))
+    for path in (peft_dir, merged_dir):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        assert tokenizer("hi").input_ids == loaded.tokenizer.encode("hi")  # BOS included
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                            add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert list(ids) == list(want)
+        assert tokenizer.decode(want[-4:], skip_special_tokens=True) == "\nmodel\n"
+
+
 def test_transformers_with_peft_matches_jaxpost(tiny, base_dir, peft_dir, merged_dir):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
@@ -153,7 +205,7 @@ def test_transformers_with_peft_matches_jaxpost(tiny, base_dir, peft_dir, merged
 
     _, _, want = tiny
     ids = torch.tensor([IDS])
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
     with torch.no_grad():
         got = model(input_ids=ids).logits[0].numpy()
@@ -164,7 +216,7 @@ def test_transformers_with_peft_matches_jaxpost(tiny, base_dir, peft_dir, merged
     text = "Calculate 3 + 4. <start_of_turn>user\n<reasoning>3 plus 4</reasoning>"
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     assert tokenizer(text).input_ids == tiny[0].tokenizer.encode(text)
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), torch_dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
     with torch.no_grad():
         np.testing.assert_allclose(merged(input_ids=ids).logits[0].numpy(), want, rtol=0,
                                    atol=1e-4)
@@ -184,6 +236,36 @@ def test_other_families_and_bad_lora_are_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="incomplete"):
         hf_export.merge_lora(hf_export.base_params(loaded), half, alpha=ALPHA)
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+
+
+def test_exports_replace_only_their_own_directories(tiny, tmp_path, capsys):
+    loaded, arrays, _ = tiny
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not a jaxpost export"):
+        hf_export.write_peft_adapter(loaded, arrays, mine, alpha=ALPHA)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        hf_export.write_peft_adapter(loaded, arrays, tmp_path / "a-file", alpha=ALPHA)
+
+    out = hf_export.write_peft_adapter(loaded, arrays, tmp_path / "out", alpha=ALPHA,
+                                       config=run_config())
+    (out / "notes.txt").write_text("added to an export")
+    # Replaces its own export.
+    hf_export.write_peft_adapter(loaded, arrays, out, alpha=ALPHA, config=run_config())
+    assert "removed its files that the new export does not write: notes.txt" in (
+        capsys.readouterr().err)
+    assert not (out / "notes.txt").exists() and (out / hf_export.PEFT_ADAPTER_FILE).is_file()
+    # Written through private temporary files, shared as any file the user writes.
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("README.md", "config.yaml"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 class _FakeHub(http.server.BaseHTTPRequestHandler):
@@ -267,15 +349,11 @@ def test_push_to_hub_refuses_bad_input_and_hides_the_token(peft_dir, fake_hub, m
 
 def test_cli_converts_a_lora_export(tiny, tmp_path, capsys):
     """``jaxpost export LORA_DIR --format peft|merged`` (a LoRA export of the tiny model)."""
-    import dataclasses
-
     from jaxpost import cli
-    from jaxpost.config import get_preset
     from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG
 
     loaded, arrays, want = tiny
-    config = dataclasses.replace(get_preset("smoke"), lora_rank=RANK, lora_alpha=ALPHA, seed=0,
-                                 dtype="float32")
+    config = run_config()
     lora_dir = tmp_path / "export"
     lora_dir.mkdir()
     from jaxpost.config import save_yaml
@@ -288,7 +366,8 @@ def test_cli_converts_a_lora_export(tiny, tmp_path, capsys):
     assert str(peft) in capsys.readouterr().out
     assert {p.name for p in peft.iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.json",
-        "README.md"}
+        "README.md", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json"}
     got = load_file(str(peft / hf_export.PEFT_ADAPTER_FILE))
     expected = hf_export.peft_tensors(arrays, loaded.model_config)
     assert all(np.array_equal(got[k], expected[k]) for k in expected)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import subprocess
 import sys
 
@@ -159,6 +161,56 @@ def test_resume_continues_from_latest_checkpoint(smoke_run, capsys):
     assert state.resumed_from == 2 and state.step == 3
     assert (state.checkpoint_dir / "actor" / "3").is_dir()
     assert [h["step"] for h in state.history] == [1, 2, 3]
+
+
+def test_resume_steps_past_an_unreadable_checkpoint(smoke_run, tmp_path, capsys):
+    """GRPO's rerun moves a corrupt newest checkpoint aside and resumes from the one before
+    (Tunix's cluster would otherwise stop on Orbax's error on every rerun)."""
+    from jaxpost.checkpoints import latest_step
+    from jaxpost.rundir import RunDir
+
+    config = smoke_run[0]
+    out = tmp_path / "run"
+    shutil.copytree(config.output_dir, out)
+    ckpt = RunDir(out).grpo_checkpoint_dir
+    newest = latest_step(ckpt)
+    (ckpt / str(newest) / "model_params" / "_sharding").write_text("{not json")
+    again = dataclasses.replace(config, output_dir=str(out), max_steps=newest)
+    state = train_grpo(again, prepare_colab_session(again))
+    captured = capsys.readouterr()
+    assert f"checkpoint step {newest} in {ckpt} cannot be read" in captured.err
+    assert f"resuming from checkpoint step {newest - 1}" in captured.out
+    assert state.resumed_from == newest - 1 and state.step == newest
+    assert [p.name.rsplit("-", 1)[0] for p in RunDir(out).unreadable_dir.iterdir()] == [
+        f"actor-{newest}"]
+
+
+def test_export_reads_a_moved_run_where_it_lies(smoke_run, tmp_path, monkeypatch):
+    """``jaxpost export DIR`` reads DIR, not the output_dir its config.yaml records, and
+    writes one directory per format and type inside it."""
+    from jaxpost import cli
+    from jaxpost.checkpoints import latest_step
+    from jaxpost.config import save_yaml
+    from jaxpost.rundir import RunDir
+
+    config = smoke_run[0]
+    moved = tmp_path / "moved"
+    shutil.copytree(config.output_dir, moved, ignore=shutil.ignore_patterns("export*"))
+    # Trained with the default, relative output_dir; the current directory has its own.
+    save_yaml(dataclasses.replace(config, output_dir="runs/default"), str(moved / "config.yaml"))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "runs" / "default").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["export", "../moved", "--format", "peft"]) == 0
+    export = json.loads((moved / "export" / "metrics.json").read_text())
+    assert export["step"] == latest_step(RunDir(moved).grpo_checkpoint_dir)
+    assert (moved / "export-peft" / "adapter_model.safetensors").is_file()
+    assert list((elsewhere / "runs" / "default").iterdir()) == []
+    # One directory per GGUF type: a q8_0 export leaves the f16 one in place.
+    assert cli.main(["export", "../moved", "--format", "gguf"]) == 0
+    assert cli.main(["export", "../moved", "--format", "gguf", "--gguf-type", "q8_0"]) == 0
+    assert (moved / "export-gguf-f16" / "model-f16.gguf").is_file()
+    assert (moved / "export-gguf-q8_0" / "model-q8_0.gguf").is_file()
 
 
 def test_quick_test_answers(smoke_run):

@@ -3,7 +3,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxpost.prompts import format_prompt, resolve_chat_template, stop_strings
+from jaxpost.prompts import (
+    format_prompt,
+    jinja_chat_template,
+    resolve_chat_template,
+    stop_strings,
+    system_text,
+)
 
 QUESTION = "What is 2 + 3?"
 SYSTEM = "Think in <{reasoning_tag}> tags, answer in <{answer_tag}> tags."
@@ -176,3 +182,57 @@ def test_stop_strings():
     assert stop_strings("none") == []
     with pytest.raises(ValueError):
         stop_strings("auto")
+
+
+def _render(template: str, messages, *, transformers_like: bool, generation: bool = True) -> str:
+    """Renders a chat template as Hugging Face's tokenizers do (sandboxed, trim_blocks and
+    lstrip_blocks) or with Jinja's defaults (as llama-cpp-python does)."""
+    from jinja2 import Environment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = (ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+           if transformers_like else Environment())
+    return env.from_string(template).render(messages=messages, bos_token="<bos>",
+                                            add_generation_prompt=generation,
+                                            raise_exception=raise_exception)
+
+
+# System prompts a Jinja string literal must carry unchanged: quotes, backslashes,
+# braces that look like Jinja, tabs, non-ASCII text.
+TRICKY_SYSTEM = ("Say \"hi\" and don't stop.\nUse {{ braces }}, {% tags %} and a \\ "
+                 "backslash;\tthen\r\n<{answer_tag}>naïve 東京</{answer_tag}>")
+
+
+@pytest.mark.parametrize("transformers_like", [True, False])
+@pytest.mark.parametrize("system_prompt", ["", SYSTEM, TRICKY_SYSTEM])
+@pytest.mark.parametrize("template", ["gemma", "chatml", "llama3", "none"])
+def test_jinja_template_renders_format_prompt(template, system_prompt, transformers_like):
+    config = make_config(template, system_prompt)
+    system = system_text(config)
+    question = "  What is 7 + 5?\n"
+    want = "<bos>" + format_prompt(question, config, template=template)
+    jinja = jinja_chat_template(template, system)
+    user = [{"role": "user", "content": question}]
+    assert _render(jinja, user, transformers_like=transformers_like) == want
+    # A system message given by the caller takes the place of the run's.
+    other = jinja_chat_template(template, "something else")
+    messages = [{"role": "system", "content": system}] + user
+    assert _render(other, messages, transformers_like=transformers_like) == want
+
+
+def test_gemma_jinja_template_continues_a_conversation_like_the_hubs():
+    jinja = jinja_chat_template("gemma", "Be brief.")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": [{"type": "text", "text": "2 + 2?"}]}]
+    assert _render(jinja, messages, transformers_like=True) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\n2 + 2?<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(ValueError, match="alternate"):
+        _render(jinja, messages[:1] * 2, transformers_like=True)
+    assert not jinja_chat_template("gemma", bos=False).startswith("{{ bos_token }}")
+    with pytest.raises(ValueError, match="auto"):
+        jinja_chat_template("auto")

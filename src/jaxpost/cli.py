@@ -22,16 +22,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_config(run_dir: str):
-    from pathlib import Path
+    from jaxpost.rundir import RunDir
 
-    from jaxpost.config import load_yaml
-    from jaxpost.train import CONFIG_FILE
-
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: RUN_DIR must be the output_dir of a "
-                                "jaxpost train run")
-    return load_yaml(str(path))
+    return RunDir(run_dir).read_config()
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -54,23 +47,66 @@ def _cmd_quick_test(args: argparse.Namespace) -> int:
 
     config = _run_config(args.run_dir)
     session = prepare_session(config)
-    session.lora_model = load_lora_export(export_checkpoint(config), session.loaded)
+    session.lora_model = load_lora_export(export_checkpoint(config, run_dir=args.run_dir),
+                                          session.loaded)
     quick_test(config, session, test_question=args.question)
     return 0
+
+
+def _trained_config(args: argparse.Namespace):
+    """The config.yaml of the adapters (``--lora``) or of the jaxpost export ``--model``
+    names (a merged directory or a GGUF file in its export directory), else None: the run
+    whose prompt format ``--chat`` reproduces."""
+    from pathlib import Path
+
+    from jaxpost.config import load_yaml
+    from jaxpost.export import EXPORT_CONFIG, EXPORT_METRICS
+
+    if args.lora:
+        return load_yaml(str(Path(args.lora) / EXPORT_CONFIG))
+    if args.model is None:
+        return None
+    path = Path(args.model.removeprefix("gguf:")).expanduser()
+    directory = path.parent if args.model.startswith("gguf:") else path
+    if (directory / EXPORT_CONFIG).is_file() and (directory / EXPORT_METRICS).is_file():
+        return load_yaml(str(directory / EXPORT_CONFIG))
+    return None
+
+
+def _chat_prompts(args: argparse.Namespace, loaded, trained) -> list[str]:
+    """``args.prompt`` as user turns: the run's prompt format and system prompt when the
+    model or adapters carry one, unless ``--chat-template`` / ``--system-prompt`` say
+    otherwise."""
+    import dataclasses
+    import types
+
+    from jaxpost.sampling import chat_prompt
+
+    prompt_config = trained
+    if args.system_prompt is not None:
+        if trained is None:
+            prompt_config = types.SimpleNamespace(
+                chat_template="auto", system_prompt=args.system_prompt,
+                reasoning_tag="reasoning", answer_tag="answer")
+        else:
+            prompt_config = dataclasses.replace(trained, system_prompt=args.system_prompt)
+    elif trained is not None and trained.system_prompt:
+        print("jaxpost generate: --chat uses the system prompt the model was trained with "
+              "(--system-prompt '' leaves it out)", file=sys.stderr, flush=True)
+    return [chat_prompt(p, loaded, args.chat_template, prompt_config=prompt_config)
+            for p in args.prompt]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from jaxpost.models import load_model
     from jaxpost.sampling import generate
 
+    if not args.chat and (args.chat_template != "auto" or args.system_prompt is not None):
+        raise ValueError("--chat-template and --system-prompt format a chat turn: add --chat")
+    trained = _trained_config(args)
     source, dtype, seed = args.model, args.dtype, 0
     if args.lora and args.model is None:
         # The adapters only make sense on the base model they were trained on.
-        from jaxpost.config import load_yaml
-        from jaxpost.export import EXPORT_CONFIG
-        from pathlib import Path
-
-        trained = load_yaml(str(Path(args.lora) / EXPORT_CONFIG))
         source, dtype, seed = trained.model, trained.dtype, trained.seed
     loaded = load_model(source or "embedded:gemma3-270m", dtype=dtype, seed=seed)
     model = loaded.model
@@ -78,9 +114,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from jaxpost.export import load_lora_export
 
         model = load_lora_export(args.lora, loaded)
-    texts = generate(loaded, args.prompt, model=model, max_new_tokens=args.max_new_tokens,
+    prompts = _chat_prompts(args, loaded, trained) if args.chat else args.prompt
+    texts = generate(loaded, prompts, model=model, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     seed=args.seed, chat=args.chat)
+                     seed=args.seed)
     for text in texts:
         print(text)
     return 0
@@ -133,6 +170,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``jaxpost`` subcommand."""
     from jaxpost.config import PRESETS
+    from jaxpost.prompts import CHAT_TEMPLATES
 
     parser = argparse.ArgumentParser(
         prog="jaxpost", description="JAX-native GRPO post-training for models that show their work.")
@@ -151,7 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user turn: in the prompt format and with the "
+                        "system prompt the adapters (--lora) or the jaxpost export (--model) "
+                        "were trained with, else the model family's template")
+    g.add_argument("--chat-template", default="auto", choices=list(CHAT_TEMPLATES),
+                   help="with --chat: the prompt format (default: as above)")
+    g.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="with --chat: the system prompt ('' for none; default: the trained "
+                        "run's, else none)")
     g.set_defaults(func=_cmd_generate)
 
     t = sub.add_parser("train", help="train with GRPO (or DPO: --set algorithm=dpo), "
@@ -172,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "merged: LoRA merged into a Hugging Face checkpoint; gguf: merged, for "
                         "llama.cpp / Ollama")
     e.add_argument("--out", default=None,
-                   help="export directory (default RUN_DIR/export for lora, else "
-                        "<lora export>-<format>)")
+                   help="export directory; default one per format and type: RUN_DIR/export "
+                        "(lora), RUN_DIR/export-peft, -merged, -gguf-f16, -gguf-q8_0 (beside "
+                        "a LoRA export DIR: DIR-peft, ...). Only a previous export is replaced")
     e.add_argument("--gguf-type", default="f16", choices=["f16", "q8_0"],
                    help="GGUF tensor type (--format gguf)")
     e.add_argument("--push-to-hub", default=None, metavar="REPO_ID",

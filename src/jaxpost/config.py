@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from jaxpost.rundir import RunDir
+
 # Rubric and judge vocabularies, here so that importing the config imports no JAX
 # (jaxpost.rubrics and jaxpost.judges use these).
 JUDGE_KINDS = ("model", "api", "lexical")
@@ -479,17 +481,18 @@ class ColabTrainingConfig:
         """Linear-warmup steps: int(warmup_ratio * total_steps)."""
         return int(self.warmup_ratio * self.total_steps)
 
+    # Where a run writes: the layout of jaxpost.rundir, under output_dir.
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.output_dir, "checkpoints")
+        return str(RunDir(self.output_dir).checkpoint_dir)
 
     @property
     def tensorboard_dir(self) -> str:
-        return os.path.join(self.output_dir, "tensorboard")
+        return str(RunDir(self.output_dir).tensorboard_dir)
 
     @property
     def export_dir(self) -> str:
-        return os.path.join(self.output_dir, "export")
+        return str(RunDir(self.output_dir).export_dir())
 
     @property
     def effective_reward_weights(self) -> tuple[float, ...]:

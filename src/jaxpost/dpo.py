@@ -283,6 +283,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
       jaxpost.train.TrainingDiverged: the loss became NaN or infinite.
     """
     from jaxpost import tunix_adapter
+    from jaxpost.checkpoints import resume_step
     from jaxpost.config import save_yaml
     from jaxpost.fast_logits import completion_logits_only
     from jaxpost.mesh import use_mesh
@@ -308,7 +309,8 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(config, str(out / CONFIG_FILE))
-    resumed_from = tunix_adapter.latest_checkpoint_step(ckpt_dir)
+    # Tunix restores the newest step when it builds the trainer: step past unreadable ones.
+    resumed_from = resume_step(ckpt_dir)
     finished = resumed_from is not None and resumed_from >= config.total_steps
     loaded = session.loaded
     template = session.template

@@ -354,10 +354,10 @@ class _Adapters:
 
 def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
     """Checks a ``lora`` path without loading a model; None (or "base") for no adapters."""
-    from jaxpost import tunix_adapter
+    from jaxpost.checkpoints import newest_readable_step
     from jaxpost.config import load_yaml
     from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG, EXPORT_METRICS
-    from jaxpost.train import CONFIG_FILE
+    from jaxpost.rundir import CONFIG_FILE, RunDir
 
     if lora is None or str(lora) == BASE:
         return None
@@ -377,24 +377,26 @@ def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
     if not (path / CONFIG_FILE).is_file():
         raise ValueError(f"lora={str(lora)!r} holds neither {ADAPTER_FILE} (a LoRA export) nor "
                          f"{CONFIG_FILE} (a training run's output_dir)")
-    ckpt_dir = tunix_adapter.final_checkpoint_dir(path / "checkpoints")
-    step = tunix_adapter.latest_checkpoint_step(ckpt_dir)
+    run = RunDir(path)
+    ckpt_dir = run.final_checkpoint_dir()
+    step = newest_readable_step(ckpt_dir)
     if step is None:
         raise ValueError(f"lora={str(lora)!r} is a run directory without a finished checkpoint "
-                         f"in {ckpt_dir}: train first (jaxpost train --set output_dir={path})")
-    return _Adapters(path, "run", load_yaml(str(path / CONFIG_FILE)), step)
+                         f"that can be read in {ckpt_dir}: train first (jaxpost train --set "
+                         f"output_dir={path})")
+    return _Adapters(path, "run", run.read_config(), step)
 
 
 def _adapted_model(loaded, adapters: _Adapters):
     """The base model of ``loaded`` with ``adapters`` applied (base weights shared)."""
-    from jaxpost import tunix_adapter
     from jaxpost.export import checkpoint_lora_arrays, load_lora_export, set_lora_arrays
     from jaxpost.lora import apply_lora
+    from jaxpost.rundir import RunDir
 
     if adapters.kind == "export":
         return load_lora_export(adapters.path, loaded)
     config = adapters.config
-    ckpt_dir = tunix_adapter.final_checkpoint_dir(adapters.path / "checkpoints")
+    ckpt_dir = RunDir(adapters.path).final_checkpoint_dir()
     _, arrays = checkpoint_lora_arrays(ckpt_dir, adapters.step)
     model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank, alpha=config.lora_alpha,
                        target_modules=config.lora_target_modules)

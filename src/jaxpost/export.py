@@ -13,11 +13,13 @@ An export directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -128,22 +130,30 @@ def load_lora_export(path: str | os.PathLike, loaded) -> nnx.Module:
 
 
 def export_checkpoint(config: ColabTrainingConfig, trainer_state=None,
-                      out_dir: str | os.PathLike | None = None) -> Path:
-    """Exports the latest checkpoint's LoRA parameters, config and final metrics.
+                      out_dir: str | os.PathLike | None = None, *,
+                      run_dir: str | os.PathLike | None = None) -> Path:
+    """Exports a run's latest readable checkpoint: LoRA parameters, config, final metrics.
 
     Reads the checkpoint from disk rather than the live model, so it works the same in
     a fresh session after the run (``trainer_state`` may be None). Also writes
     ``<export>.zip`` when ``config.save_to_drive`` is set, and prints how to load it.
 
+    Args:
+      config: the run's config (written into the export as its record).
+      out_dir: the export directory; default ``RUN_DIR/export``.
+      run_dir: the run directory to read; default ``config.output_dir`` (the run just
+        trained). Checkpoints, metrics and the default export directory all come from
+        it, so a run that was copied or moved exports from where it lies.
+
     Returns:
-      The export directory (default ``config.export_dir``).
+      The export directory.
     """
-    from jaxpost import tunix_adapter
+    from jaxpost.rundir import RunDir
     from jaxpost.train import read_metrics
 
-    ckpt_dir = tunix_adapter.final_checkpoint_dir(config.checkpoint_dir)
-    step, arrays = checkpoint_lora_arrays(ckpt_dir)
-    history = read_metrics(config.output_dir)
+    run = RunDir(config.output_dir if run_dir is None else run_dir)
+    step, arrays = checkpoint_lora_arrays(run.final_checkpoint_dir())
+    history = read_metrics(run.path)
     rewards = [h["reward"] for h in history if "reward" in h]
     metrics = {
         "step": step,
@@ -151,7 +161,7 @@ def export_checkpoint(config: ColabTrainingConfig, trainer_state=None,
         "final_reward": rewards[-1] if rewards else None,
         "final": history[-1] if history else {},
     }
-    out = Path(out_dir or config.export_dir)
+    out = Path(out_dir) if out_dir is not None else run.export_dir()
     out = _write_export(arrays, config, out, metrics)
     if config.save_to_drive:
         zip_path = shutil.make_archive(str(out), "zip", root_dir=out)
@@ -166,16 +176,16 @@ def checkpoint_lora_arrays(checkpoint_dir, step: int | None = None) -> tuple[int
 
     Args:
       checkpoint_dir: a stage's checkpoint directory, e.g.
-        ``tunix_adapter.final_checkpoint_dir(config.checkpoint_dir)``.
-      step: the checkpoint step; the latest finished one when None.
+        ``RunDir(run_dir).final_checkpoint_dir()``.
+      step: the checkpoint step; the newest readable one when None.
 
     Returns:
       ``(step, {"layers.0.attn.q_einsum.w_lora_a": array, ...})``, ready for
       :func:`set_lora_arrays`.
     """
-    from jaxpost import tunix_adapter
+    from jaxpost.checkpoints import restore_lora_params
 
-    step, params = tunix_adapter.restore_lora_params(checkpoint_dir, step)
+    step, params = restore_lora_params(checkpoint_dir, step)
     return step, _flatten(_strip_value_keys(params))
 
 
@@ -191,11 +201,69 @@ def _strip_value_keys(tree):
 def _write_export(arrays: dict[str, np.ndarray], config, out: Path, metrics) -> Path:
     from safetensors.numpy import save_file
 
-    from jaxpost.cache import replacing_dir
-
-    with replacing_dir(out) as tmp:
+    with export_directory(out) as tmp:
         save_file({k: np.asarray(v) for k, v in arrays.items()}, str(tmp / ADAPTER_FILE))
         save_yaml(config, str(tmp / EXPORT_CONFIG))
         (tmp / EXPORT_METRICS).write_text(json.dumps(metrics, indent=2, default=float))
         (tmp / "README.md").write_text(_instructions(out))
     return out
+
+
+def _files(directory: Path) -> set[str]:
+    if not directory.is_dir():
+        return set()
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir()}
+
+
+def check_export_target(out: str | os.PathLike) -> None:
+    """Checks that an export may be written to ``out``: it is absent, an empty directory
+    or a previous jaxpost export (which holds ``metrics.json`` and ``README.md``, as every
+    export does).
+
+    Raises:
+      ValueError: ``out`` is a file, or a non-empty directory that jaxpost did not write.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export directory {out} is a file: give a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not ((out / EXPORT_METRICS).is_file() and (out / "README.md").is_file()):
+        raise ValueError(f"{out} is not empty and is not a jaxpost export (it lacks "
+                         f"{EXPORT_METRICS} and README.md): jaxpost replaces only its own "
+                         "exports; choose another --out, or empty it yourself")
+
+
+def _shareable(directory: Path) -> None:
+    """Gives an export the permissions of any file the user creates: the temporary files
+    and directory it was written through are private (0600 and 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def export_directory(out: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty temporary directory that replaces ``out`` once the body has filled it.
+
+    ``out`` is checked first (:func:`check_export_target`), so a directory jaxpost did not
+    write is never replaced. Files of a previous export that the new one does not write
+    again are named on stderr, since they are gone. On error ``out`` is left as it was.
+
+    Raises:
+      ValueError: from :func:`check_export_target`.
+    """
+    from jaxpost.cache import replacing_dir
+
+    out = Path(out)
+    check_export_target(out)
+    before = _files(out)
+    with replacing_dir(out) as tmp:
+        yield tmp
+        removed = sorted(before - _files(tmp))
+        _shareable(tmp)
+    if removed:
+        print(f"jaxpost: replaced the previous export in {out}; removed its files that the "
+              f"new export does not write: {', '.join(removed)}", file=sys.stderr, flush=True)

@@ -7,8 +7,10 @@ and the SentencePiece tokenizer becomes GGUF's ``tokenizer.ggml.*`` arrays. Norm
 float32; the other tensors are stored as ``f16`` or ``q8_0`` (blocks of 32 values with one
 f16 scale), as llama.cpp's own converter does.
 
-The export directory holds the ``.gguf`` file, an Ollama ``Modelfile``, the run's
-``config.yaml`` and ``metrics.json`` and a ``README.md``.
+The file carries the run's prompt format as ``tokenizer.chat_template`` and Gemma's
+``<end_of_turn>`` as ``tokenizer.ggml.eot_token_id``. The export directory holds the
+``.gguf`` file, an Ollama ``Modelfile`` (the same prompt format and system prompt), the
+run's ``config.yaml`` and ``metrics.json`` and a ``README.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxpost.cache import replacing_dir
 
 GGUF_TYPES = ("f16", "q8_0")
 
@@ -45,9 +46,21 @@ _GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
 _GGUF_CONTROL_PIECES = ("<mask>", "<start_of_turn>", "<end_of_turn>")
 _CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4
 
-_GEMMA_TEMPLATE = ('{{- range .Messages }}<start_of_turn>'
-                   '{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}\n'
-                   '{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n')
+# Ollama templates (Go's text/template, Ollama's single-turn form: .System, .Prompt,
+# .Response) that render jaxpost.prompts.format_prompt's text for each prompt format.
+_OLLAMA_TEMPLATES = {
+    "gemma": ("<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
+              "<end_of_turn>\n<start_of_turn>model\n{{ .Response }}<end_of_turn>\n"),
+    "chatml": ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+               "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"
+               "{{ .Response }}<|im_end|>\n"),
+    "llama3": ("{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}"
+               "<|eot_id|>{{ end }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}"
+               "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}"
+               "<|eot_id|>"),
+    "none": "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}\n{{ .Response }}",
+}
+_END_OF_TURN = "<end_of_turn>"
 
 
 def gguf_tensor_name(hf_name: str) -> str:
@@ -70,7 +83,8 @@ def tokenizer_fields(tokenizer_model: bytes) -> dict[str, Any]:
     """GGUF tokenizer arrays and ids from a serialized Gemma SentencePiece model.
 
     Returns ``tokens``, ``scores``, ``types`` (SentencePiece's numbering, which GGUF
-    shares) and ``bos``/``eos``/``unk``/``pad`` ids.
+    shares), ``bos``/``eos``/``unk``/``pad`` ids and ``eot``, the id of Gemma's
+    ``<end_of_turn>`` (None if the vocabulary has none).
     """
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
@@ -86,14 +100,15 @@ def tokenizer_fields(tokenizer_model: bytes) -> dict[str, Any]:
             types.append(_CONTROL)
         else:
             types.append(int(p.type))
+    eot = tokens.index(_END_OF_TURN) if _END_OF_TURN in tokens else None
     return {"tokens": tokens, "scores": [float(p.score) for p in m.pieces], "types": types,
             "bos": int(ts.bos_id), "eos": int(ts.eos_id), "unk": int(ts.unk_id),
-            "pad": int(ts.pad_id)}
+            "pad": int(ts.pad_id), "eot": eot}
 
 
 def write_gguf(tensors: Mapping[str, np.ndarray], hf_cfg: Mapping[str, Any],
                tokenizer_model: bytes, out_file: str | os.PathLike, *, gguf_type: str = "f16",
-               name: str = "jaxpost Gemma 3") -> Path:
+               name: str = "jaxpost Gemma 3", chat_template: str | None = None) -> Path:
     """Writes a Gemma 3 GGUF file.
 
     Args:
@@ -103,6 +118,8 @@ def write_gguf(tensors: Mapping[str, np.ndarray], hf_cfg: Mapping[str, Any],
       out_file: the ``.gguf`` path (written to a temporary name, then renamed).
       gguf_type: ``"f16"`` or ``"q8_0"`` for 2-D tensors; norms are always float32.
       name: ``general.name``.
+      chat_template: ``tokenizer.chat_template``, the Jinja template llama.cpp formats
+        chat messages with (:func:`jaxpost.prompts.jinja_chat_template`).
 
     Raises:
       ValueError: an invalid ``gguf_type``, a config GGUF cannot express, or a tensor
@@ -159,6 +176,10 @@ def write_gguf(tensors: Mapping[str, np.ndarray], hf_cfg: Mapping[str, Any],
         w.add_eos_token_id(tok["eos"])
         w.add_unk_token_id(tok["unk"])
         w.add_pad_token_id(tok["pad"])
+        if tok["eot"] is not None:
+            w.add_eot_token_id(tok["eot"])  # ends a turn: llama.cpp stops generating there
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
         w.add_add_space_prefix(False)
@@ -188,13 +209,38 @@ def write_gguf(tensors: Mapping[str, np.ndarray], hf_cfg: Mapping[str, Any],
 def _readme(path: Path, file_name: str, gguf_type: str) -> str:
     return (
         f"# jaxpost GGUF export ({gguf_type})\n\n"
-        "The trained LoRA adapters merged into the base model, for llama.cpp and Ollama.\n\n"
-        "llama.cpp:\n\n"
-        f"    llama-cli -m {path / file_name} -p \"What is 7 + 5?\" -n 128\n\n"
-        "Ollama (the Modelfile holds Gemma's chat template):\n\n"
+        "The trained LoRA adapters merged into the base model, for llama.cpp and Ollama. The "
+        "file carries the run's prompt format as `tokenizer.chat_template` (with the run's "
+        "system prompt unless the conversation starts with its own), which llama.cpp's "
+        "chat mode applies.\n\n"
+        "llama.cpp (a chat; the file's template formats each turn):\n\n"
+        f"    llama-cli -m {path / file_name}\n\n"
+        "llama-cpp-python: `Llama(model_path=...).create_chat_completion(messages=[...])`.\n\n"
+        "On CPUs with AMX, llama.cpp's repacking of q8_0 weights can crash (llama.cpp's own "
+        "q8_0 files too): `--no-repack` (llama-cpp-python: the model parameter "
+        "`use_extra_bufts = False`) avoids it.\n\n"
+        "Ollama (the Modelfile holds the prompt format and the run's system prompt):\n\n"
         f"    cd {path} && ollama create my-model -f Modelfile && ollama run my-model\n\n"
-        "jaxpost:\n\n"
+        "jaxpost (the run's system prompt included):\n\n"
         f"    jaxpost generate \"What is 7 + 5?\" --chat --model gguf:{path / file_name}\n")
+
+
+def modelfile(file_name: str, template: str, system: str) -> str:
+    """An Ollama Modelfile for ``file_name`` in the prompt format ``template`` with the
+    run's ``system`` text as its default system prompt.
+
+    Raises:
+      ValueError: ``system`` holds the Modelfile's own quote (three double quotes).
+    """
+    from jaxpost.prompts import stop_strings
+
+    if '"""' in system:
+        raise ValueError('the system prompt holds """, which an Ollama Modelfile cannot quote')
+    lines = [f"FROM ./{file_name}", f'TEMPLATE """{_OLLAMA_TEMPLATES[template]}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f"PARAMETER stop {stop}" for stop in stop_strings(template)]
+    return "\n".join(lines) + "\n"
 
 
 def write_gguf_export(loaded, out_dir: str | os.PathLike, *, lora=None, alpha: float | None = None,
@@ -204,26 +250,33 @@ def write_gguf_export(loaded, out_dir: str | os.PathLike, *, lora=None, alpha: f
 
     Args:
       loaded: the base Gemma 3 model.
-      out_dir: the directory to write (replaced if it exists).
+      out_dir: the directory to write (replaced if it is a previous export).
       lora, alpha: qwix LoRA arrays and alpha to merge (None exports the base model).
       gguf_type: ``"f16"`` or ``"q8_0"``.
-      config, metrics: the run's config and metrics, stored beside the file.
+      config, metrics: the run's config and metrics, stored beside the file; the config's
+        prompt format (chat template, system prompt) goes into the file's
+        ``tokenizer.chat_template`` and the Modelfile (None: the family's, no system
+        prompt).
     """
     from jaxpost import hf_export
+    from jaxpost.export import export_directory
+    from jaxpost.hf_tokenizer import prompt_format
+    from jaxpost.prompts import jinja_chat_template
 
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: use one of {list(GGUF_TYPES)}")
     hf_cfg = hf_export.hf_config(loaded)
     tok_bytes = hf_export.tokenizer_model_bytes(loaded)
+    template, system = prompt_format(loaded, config)
+    file_name = f"model-{gguf_type}.gguf"
+    model_file = modelfile(file_name, template, system)
     tensors = hf_export.merged_hf_tensors(loaded, lora, alpha=alpha)
     out = Path(out_dir)
-    file_name = f"model-{gguf_type}.gguf"
-    with replacing_dir(out) as tmp:
+    with export_directory(out) as tmp:
         write_gguf(tensors, hf_cfg, tok_bytes, tmp / file_name, gguf_type=gguf_type,
-                   name=f"jaxpost {loaded.source}")
-        (tmp / "Modelfile").write_text(
-            f"FROM ./{file_name}\nTEMPLATE \"\"\"{_GEMMA_TEMPLATE}\"\"\"\n"
-            "PARAMETER stop <end_of_turn>\n")
+                   name=f"jaxpost {loaded.source}",
+                   chat_template=jinja_chat_template(template, system))
+        (tmp / "Modelfile").write_text(model_file)
         hf_export.write_record(tmp, config, metrics)
         (tmp / "README.md").write_text(_readme(out, file_name, gguf_type))
     return out

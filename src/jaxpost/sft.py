@@ -254,7 +254,9 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
       jaxpost.train.TrainingDiverged: the loss became NaN or infinite.
     """
     from jaxpost import tunix_adapter
+    from jaxpost.checkpoints import resume_step
     from jaxpost.fast_logits import completion_logits_only
+    from jaxpost.rundir import RunDir
     from jaxpost.mesh import use_mesh
     from jaxpost.prompts import format_prompt
     from jaxpost.train import CONFIG_FILE, METRICS_FILE, MetricsRecorder
@@ -270,8 +272,9 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(config, str(out / CONFIG_FILE))
-    ckpt_dir = tunix_adapter.sft_checkpoint_dir(config.checkpoint_dir)
-    resumed_from = tunix_adapter.latest_checkpoint_step(ckpt_dir)
+    ckpt_dir = str(RunDir(config.output_dir).sft_checkpoint_dir)
+    # Tunix restores the newest step when it builds the trainer: step past unreadable ones.
+    resumed_from = resume_step(ckpt_dir)
 
     held_out = _held_out_questions(session)
     kept = [d for d in demos if d.question not in held_out]

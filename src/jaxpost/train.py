@@ -17,10 +17,8 @@ from flax import nnx
 
 from jaxpost.config import ColabTrainingConfig, save_yaml
 from jaxpost.fast_logits import completion_logits_only
+from jaxpost.rundir import CONFIG_FILE, METRICS_FILE, RunDir
 from jaxpost.session import ColabSession
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
 
 
 class TrainingDiverged(FloatingPointError):
@@ -288,14 +286,15 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
       TrainingDiverged: when the loss becomes NaN or infinite.
     """
     from jaxpost import tunix_adapter
+    from jaxpost.checkpoints import latest_step, resume_step
     from jaxpost.data import num_train_batches
 
     if config.algorithm == "dpo":
         raise ValueError("algorithm='dpo' is trained by jaxpost.dpo.train_dpo (which "
                          "run_full_pipeline calls), not by train_grpo")
+    run = RunDir(config.output_dir)
     if config.total_steps == 0:
-        sft_step = tunix_adapter.latest_checkpoint_step(
-            tunix_adapter.sft_checkpoint_dir(config.checkpoint_dir))
+        sft_step = latest_step(run.sft_checkpoint_dir)
         print("jaxpost: no GRPO steps (max_steps=0)", flush=True)
         return TrainerState(config=config, lora_model=session.lora_model, step=sft_step or 0,
                             resumed_from=None, history=read_metrics(config.output_dir),
@@ -314,8 +313,9 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     out.mkdir(parents=True, exist_ok=True)
     wandb_run = start_wandb(config)
     save_yaml(config, str(out / CONFIG_FILE))
-    ckpt_dir = tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)
-    resumed_from = tunix_adapter.latest_checkpoint_step(ckpt_dir)
+    ckpt_dir = run.grpo_checkpoint_dir
+    # Tunix restores the newest step when it builds the cluster: step past unreadable ones.
+    resumed_from = resume_step(ckpt_dir)
     if resumed_from is not None:
         if resumed_from >= config.total_steps:
             print(f"jaxpost: {config.checkpoint_dir} already holds step {resumed_from} "
@@ -357,7 +357,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
             recorder.close()
             if wandb_run is not None:
                 wandb_run.finish()
-    step = tunix_adapter.latest_checkpoint_step(ckpt_dir) or 0
+    step = latest_step(ckpt_dir) or 0
     print(f"jaxpost: training finished at step {step} in {time.time() - t0:.0f}s", flush=True)
     return TrainerState(config=config, lora_model=cluster.actor_trainer.model, step=step,
                         resumed_from=resumed_from, history=read_metrics(out),

@@ -718,70 +718,48 @@ def frozen_copy(model: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(jnp.copy, lora), frozen)
 
 
-def actor_checkpoint_dir(checkpoint_dir) -> str:
-    """Where Tunix's trainer writes the actor's checkpoints under ``checkpoint_dir``."""
-    import os
+# The checkpoint layout belongs to jaxpost.rundir and reading checkpoints to
+# jaxpost.checkpoints; these names stay for code written against them.
 
-    return os.path.join(os.path.abspath(checkpoint_dir), "actor")
+
+def actor_checkpoint_dir(checkpoint_dir) -> str:
+    """Where Tunix's trainer writes the actor's (GRPO's) checkpoints under ``checkpoint_dir``."""
+    from jaxpost.rundir import GRPO_STAGE
+
+    return os.path.join(os.path.abspath(checkpoint_dir), GRPO_STAGE)
 
 
 def sft_checkpoint_dir(checkpoint_dir) -> str:
     """Where the SFT warm-up's trainer writes its checkpoints under ``checkpoint_dir``."""
-    import os
+    from jaxpost.rundir import SFT_STAGE
 
-    return os.path.join(os.path.abspath(checkpoint_dir), "sft")
+    return os.path.join(os.path.abspath(checkpoint_dir), SFT_STAGE)
 
 
 def dpo_checkpoint_dir(checkpoint_dir) -> str:
     """Where the DPO stage's trainer writes its checkpoints under ``checkpoint_dir``."""
-    import os
+    from jaxpost.rundir import DPO_STAGE
 
-    return os.path.join(os.path.abspath(checkpoint_dir), "dpo")
+    return os.path.join(os.path.abspath(checkpoint_dir), DPO_STAGE)
 
 
 def final_checkpoint_dir(checkpoint_dir) -> str:
-    """The checkpoints holding a run's latest LoRA weights under ``checkpoint_dir``: GRPO's
-    (``actor``) or DPO's (``dpo``) once one has a checkpoint (a run holds one of the two,
-    see :func:`jaxpost.dpo.train_dpo`), else the SFT warm-up's (``sft``), else GRPO's
-    (which then holds none, for the caller's error message)."""
-    actor = actor_checkpoint_dir(checkpoint_dir)
-    if latest_checkpoint_step(actor) is not None:
-        return actor
-    for stage in (dpo_checkpoint_dir(checkpoint_dir), sft_checkpoint_dir(checkpoint_dir)):
-        if latest_checkpoint_step(stage) is not None:
-            return stage
-    return actor
+    """The checkpoints holding a run's latest LoRA weights under ``checkpoint_dir``
+    (:meth:`jaxpost.rundir.RunDir.final_checkpoint_dir`)."""
+    from jaxpost.rundir import final_stage_dir
+
+    return str(final_stage_dir(checkpoint_dir))
 
 
 def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
-    """The newest finished checkpoint step under ``checkpoint_dir`` (None if there is none).
+    """The newest finished checkpoint step under ``checkpoint_dir`` (None if there is none)."""
+    from jaxpost.checkpoints import latest_step
 
-    Orbax writes each step into a temporary directory and renames it when complete,
-    so only finished checkpoints are listed.
-    """
-    import os
-
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    with ocp.CheckpointManager(checkpoint_dir) as manager:
-        return manager.latest_step()
+    return latest_step(checkpoint_dir)
 
 
 def restore_lora_params(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:
-    """Reads the LoRA parameters of a checkpoint as a nested dict of numpy arrays.
+    """The LoRA parameters of a checkpoint (:func:`jaxpost.checkpoints.restore_lora_params`)."""
+    from jaxpost.checkpoints import restore_lora_params as restore
 
-    Returns:
-      ``(step, params)``; ``step`` is the latest one when not given.
-
-    Raises:
-      FileNotFoundError: when the directory holds no finished checkpoint.
-    """
-    import os
-
-    if step is None:
-        step = latest_checkpoint_step(checkpoint_dir)
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir}")
-    path = os.path.join(checkpoint_dir, str(step), "model_params")
-    restored = ocp.PyTreeCheckpointer().restore(path)
-    return step, restored
+    return restore(checkpoint_dir, step)
