@@ -243,26 +243,44 @@ def _no_builder(task: str) -> str:
             "worked solutions (gsm8k, jsonl:PATH#reasoning=COLUMN)")
 
 
-def _parse_sft_jsonl(spec: str) -> tuple[str, dict[str, str], int | None]:
-    """(path, column options, max) of an ``sft-jsonl:PATH[#KEY=VALUE&...]`` spec."""
+def parse_file_spec(spec: str, kind: str, allowed: tuple[str, ...],
+                    invalid: Callable[[str, str], ValueError]) -> tuple[str, dict[str, str],
+                                                                        int | None]:
+    """(path, column options, max) of a ``KIND:PATH[#KEY=VALUE&...]`` spec.
+
+    Shared by ``sft-jsonl:`` here and ``preference-jsonl:`` (jaxpost.preferences).
+
+    Args:
+      kind: the prefix, e.g. ``"sft-jsonl"``. allowed: the option keys besides ``max``.
+      invalid: builds the error for ``(spec, why)``.
+
+    Raises:
+      ValueError: no path, an option that is not KEY=VALUE, given twice or unknown, or a
+        ``max`` that is not a positive integer.
+    """
     head, _, option_text = spec.strip().partition("#")
-    path = head[len(_SFT_JSONL) + 1 :] if head.startswith(f"{_SFT_JSONL}:") else ""
+    path = head[len(kind) + 1:] if head.startswith(f"{kind}:") else ""
     if not path:
-        raise _invalid(spec, "sft-jsonl needs a file path")
+        raise invalid(spec, f"{kind} needs a file path")
     options: dict[str, str] = {}
     for part in re.split(r"[#&]", option_text) if option_text else ():
         key, has_value, value = part.partition("=")
         if not key or not has_value or not value:
-            raise _invalid(spec, f"option {part!r} is not KEY=VALUE")
+            raise invalid(spec, f"option {part!r} is not KEY=VALUE")
         if key in options:
-            raise _invalid(spec, f"option {key!r} given twice")
-        if key not in (*_SFT_JSONL_OPTIONS, "max"):
-            raise _invalid(spec, f"sft-jsonl options are {_SFT_JSONL_OPTIONS} and max, got {key!r}")
+            raise invalid(spec, f"option {key!r} given twice")
+        if key not in (*allowed, "max"):
+            raise invalid(spec, f"{kind} options are {allowed} and max, got {key!r}")
         options[key] = value
     raw_max = options.pop("max", None)
     if raw_max is not None and (not raw_max.isdigit() or int(raw_max) < 1):
-        raise _invalid(spec, f"max={raw_max!r} is not a positive integer")
+        raise invalid(spec, f"max={raw_max!r} is not a positive integer")
     return path, options, None if raw_max is None else int(raw_max)
+
+
+def _parse_sft_jsonl(spec: str) -> tuple[str, dict[str, str], int | None]:
+    """(path, column options, max) of an ``sft-jsonl:PATH[#KEY=VALUE&...]`` spec."""
+    return parse_file_spec(spec, _SFT_JSONL, _SFT_JSONL_OPTIONS, _invalid)
 
 
 def _check_dataset_source(spec: str, label: str) -> Any:

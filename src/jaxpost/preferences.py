@@ -91,27 +91,13 @@ def _invalid(spec: str, why: str) -> ValueError:
 
 def _parse_preference_jsonl(spec: str) -> tuple[str, dict[str, str], int | None]:
     """(path, column options, max) of a ``preference-jsonl:PATH[#KEY=VALUE&...]`` spec."""
-    head, _, option_text = spec.strip().partition("#")
-    path = head[len(_PREFERENCE_JSONL) + 1:] if head.startswith(f"{_PREFERENCE_JSONL}:") else ""
-    if not path:
-        raise _invalid(spec, "preference-jsonl needs a file path")
-    options: dict[str, str] = {}
-    for part in re.split(r"[#&]", option_text) if option_text else ():
-        key, has_value, value = part.partition("=")
-        if not key or not has_value or not value:
-            raise _invalid(spec, f"option {part!r} is not KEY=VALUE")
-        if key in options:
-            raise _invalid(spec, f"option {key!r} given twice")
-        if key not in (*_PREFERENCE_JSONL_OPTIONS, "max"):
-            raise _invalid(spec, f"preference-jsonl options are {_PREFERENCE_JSONL_OPTIONS} "
-                                 f"and max, got {key!r}")
-        options[key] = value
-    raw_max = options.pop("max", None)
-    if raw_max is not None and (not raw_max.isdigit() or int(raw_max) < 1):
-        raise _invalid(spec, f"max={raw_max!r} is not a positive integer")
+    from jaxpost.demonstrations import parse_file_spec
+
+    path, options, limit = parse_file_spec(spec, _PREFERENCE_JSONL,
+                                           _PREFERENCE_JSONL_OPTIONS, _invalid)
     if options.get("chosen") is not None and options.get("chosen") == options.get("rejected"):
         raise _invalid(spec, "chosen and rejected name the same column")
-    return path, options, None if raw_max is None else int(raw_max)
+    return path, options, limit
 
 
 def check_preference_data_spec(spec: str) -> None:
