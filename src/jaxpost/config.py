@@ -46,9 +46,9 @@ MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle", "gguf")
 _MODEL_FORMS = ("embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, "
                 "kaggle:HANDLE, gguf:PATH")
 DTYPES = ("float32", "bfloat16")
-# The RL objective (see jaxpost.tunix_adapter.build_rl_learner): GRPO and its relatives,
-# all run by Tunix's GRPO-family learners on the same rollouts.
-RL_ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo")
+# The RL objective (see jaxpost.tunix_adapter.build_grpo_learner): GRPO and its relatives,
+# run by Tunix's GRPO-family learners, and PPO (Tunix's PPO learner, with a critic).
+RL_ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "ppo")
 # The training objective after the SFT warm-up: an RL algorithm, or DPO on preference
 # pairs (jaxpost.dpo).
 ALGORITHMS = (*RL_ALGORITHMS, "dpo")
@@ -60,8 +60,13 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, float]] = {
     "dr_grpo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
     "gspo": {"beta": 0.0, "epsilon": 3e-4, "epsilon_high": 4e-4},
     "rloo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
+    "ppo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
     "dpo": {"beta": 0.1},
 }
+# PPO's own settings when the config leaves them None (critic_learning_rate None is the
+# policy's learning_rate); set with another algorithm, they are refused.
+PPO_DEFAULTS: dict[str, float | None] = {
+    "critic_learning_rate": None, "gamma": 1.0, "gae_lambda": 0.95, "value_clip": 0.2}
 # One-digit sums and differences: a task the 270M base model can get better at in minutes.
 DEFAULT_DATASET = ("reasoning-gym:basic_arithmetic#min_terms=2&max_terms=2&min_digits=1"
                    "&max_digits=1&operators=+,-&allow_parentheses=false&allow_negation=false")
@@ -75,7 +80,8 @@ _POSITIVE = ("lora_rank", "lora_alpha", "epsilon", "epsilon_high", "temperature"
              "batch_size", "num_batches", "mini_batch_size", "micro_batch_size",
              "save_interval_steps", "max_to_keep", "log_every_steps", "mesh_fsdp", "mesh_tp",
              "judge_batch_size", "judge_api_timeout", "judge_api_concurrency",
-             "sft_learning_rate", "sft_batch_size", "sft_max_grad_norm")
+             "sft_learning_rate", "sft_batch_size", "sft_max_grad_norm", "critic_learning_rate",
+             "value_clip")
 # Field -> (check applied when the value is not None, what is allowed).
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{name: (lambda x: x > 0, "must be > 0") for name in _POSITIVE},
@@ -91,6 +97,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sft_steps": (lambda x: x >= 0, "must be >= 0 (0 skips the SFT warm-up)"),
     "final_eval_examples": (lambda x: x >= 0, "must be >= 0 (0 skips the held-out table)"),
     "judge_api_retries": (lambda x: x >= 0, "must be >= 0"),
+    "gamma": (lambda x: 0 < x <= 1, "the discount must be in (0, 1]"),
+    "gae_lambda": (lambda x: 0 <= x <= 1, "GAE's lambda must be in [0, 1]"),
 }
 _SECRET_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -154,8 +162,9 @@ class ColabTrainingConfig:
         clip-higher, token-level loss, no KL); "dr_grpo" (Liu et al. 2025: advantages
         not divided by the group's std, loss not divided by each completion's length);
         "gspo" (Zheng et al. 2025: one importance ratio per sequence, clipped tightly);
-        "rloo" (Ahmadian et al. 2024: leave-one-out baseline); or "dpo" (below). None in
-        beta, epsilon and epsilon_high takes the algorithm's own value (ALGORITHM_DEFAULTS).
+        "rloo" (Ahmadian et al. 2024: leave-one-out baseline); "ppo" (below); or "dpo"
+        (below). None in beta, epsilon and epsilon_high takes the algorithm's own value
+        (ALGORITHM_DEFAULTS).
       num_generations: G, completions sampled per prompt (group size for the baseline).
       num_iterations: mu, policy updates per batch of generations.
       beta: beta, KL-penalty coefficient against the reference model (None: 0.04, or 0
@@ -165,6 +174,15 @@ class ColabTrainingConfig:
         whose ratio is a per-token average, 3e-4 and 4e-4).
       temperature, top_k, top_p: sampling settings for rollouts (None disables a filter).
       max_prompt_length: prompt tokens kept. max_new_tokens: completion token budget.
+    PPO (Schulman et al. 2017, "Proximal Policy Optimization"; algorithm="ppo"): a critic
+    (jaxpost.critic: the base model with its own LoRA adapters and a value head) learns
+    each position's expected return; advantages are GAE over its values (Schulman et
+    al. 2016), the KL penalty beta * KL is subtracted from each token's reward, and each
+    of the G = num_generations completions per prompt is its own episode. None takes
+    PPO_DEFAULTS; set with another algorithm, these are refused:
+      critic_learning_rate: the critic's peak LR (None: learning_rate), same schedule.
+      gamma: the discount (None: 1.0). gae_lambda: GAE's lambda (None: 0.95).
+      value_clip: how far a value prediction may move from the rollout's (None: 0.2).
     DPO (Rafailov et al. 2023, "Direct Preference Optimization"; algorithm="dpo", see
     jaxpost.dpo): trains on preference pairs with the loss -log sigmoid(beta * margin),
     margin the chosen completion's log-ratio to the reference policy minus the
@@ -256,6 +274,10 @@ class ColabTrainingConfig:
     max_prompt_length: int = 64
     max_new_tokens: int = 64
     preference_data: str = "self"
+    critic_learning_rate: float | None = None
+    gamma: float | None = None
+    gae_lambda: float | None = None
+    value_clip: float | None = None
 
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
@@ -369,6 +391,12 @@ class ColabTrainingConfig:
         from jaxpost.preferences import check_preference_data_spec
 
         check_preference_data_spec(v.preference_data)
+        if v.algorithm != "ppo":
+            for name in PPO_DEFAULTS:
+                if getattr(v, name) is not None:
+                    raise ValueError(f"{name}={getattr(v, name)} does not apply to algorithm="
+                                     f"{v.algorithm!r}: it is a setting of PPO's critic and "
+                                     "advantages; set algorithm='ppo' or leave it None")
         if v.algorithm == "dpo":
             self._validate_dpo()
             return
@@ -437,6 +465,15 @@ class ColabTrainingConfig:
                      "judge='api' needs the server's URL, e.g. https://api.example.com/v1")
             _require(v.judge_api_model != "", "judge_api_model", v.judge_api_model,
                      "judge='api' needs the model name the server serves")
+
+    def ppo_settings(self) -> dict[str, float]:
+        """PPO's critic_learning_rate, gamma, gae_lambda and value_clip, None filled from
+        PPO_DEFAULTS (critic_learning_rate from learning_rate)."""
+        values = {name: default if getattr(self, name) is None else getattr(self, name)
+                  for name, default in PPO_DEFAULTS.items()}
+        if values["critic_learning_rate"] is None:
+            values["critic_learning_rate"] = self.learning_rate
+        return values
 
     @property
     def kl_beta(self) -> float:

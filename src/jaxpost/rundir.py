@@ -5,7 +5,8 @@
       metrics.jsonl                one line per recorded value (appended on resume)
       tensorboard/                 event files
       checkpoints/sft/<step>/      the SFT warm-up's Orbax checkpoints
-      checkpoints/actor/<step>/    GRPO's (Tunix's RL cluster names them after the actor)
+      checkpoints/actor/<step>/    the RL policy's (Tunix's RL cluster names them after the actor)
+      checkpoints/critic/<step>/   PPO's critic (value model)
       checkpoints/dpo/<step>/      DPO's (a run trains GRPO or DPO, not both)
       checkpoints/unreadable/      checkpoints moved aside because they could not be read
       export/                      jaxpost's LoRA adapters (``jaxpost export RUN_DIR``)
@@ -31,6 +32,7 @@ CHECKPOINTS_DIR = "checkpoints"
 SFT_STAGE = "sft"
 # Tunix's RL cluster writes the policy's checkpoints under <checkpoint root>/actor.
 GRPO_STAGE = "actor"
+CRITIC_STAGE = "critic"
 DPO_STAGE = "dpo"
 UNREADABLE_DIR = "unreadable"
 LORA_EXPORT_DIR = "export"
@@ -95,6 +97,11 @@ class RunDir:
     def grpo_checkpoint_dir(self) -> Path:
         """GRPO's checkpoints (absolute)."""
         return self.checkpoint_dir.absolute() / GRPO_STAGE
+
+    @property
+    def critic_checkpoint_dir(self) -> Path:
+        """PPO's critic's checkpoints (absolute), written beside the policy's."""
+        return self.checkpoint_dir.absolute() / CRITIC_STAGE
 
     @property
     def unreadable_dir(self) -> Path:

@@ -54,17 +54,22 @@ class TrainerState:
         return sum(part) / len(part)
 
 
-def make_schedule(config: ColabTrainingConfig) -> optax.Schedule:
-    """Learning rate by step: linear warmup from 0 over ``warmup_steps``, then cosine to 0."""
+def make_schedule(config: ColabTrainingConfig, peak: float | None = None) -> optax.Schedule:
+    """Learning rate by step: linear warmup from 0 over ``warmup_steps``, then cosine to 0.
+
+    The peak is ``config.learning_rate`` unless ``peak`` is given (PPO's critic's own).
+    """
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate,
+        init_value=0.0, peak_value=config.learning_rate if peak is None else peak,
         warmup_steps=config.warmup_steps, decay_steps=max(config.total_steps, 1),
         end_value=0.0)
 
 
-def make_optimizer(config: ColabTrainingConfig) -> optax.GradientTransformation:
-    """AdamW on the warmup-cosine schedule, after global-norm clipping."""
-    schedule = make_schedule(config)
+def make_optimizer(config: ColabTrainingConfig,
+                   peak: float | None = None) -> optax.GradientTransformation:
+    """AdamW on the warmup-cosine schedule (peak ``peak`` or ``config.learning_rate``),
+    after global-norm clipping."""
+    schedule = make_schedule(config, peak)
     adamw = optax.adamw(learning_rate=schedule, b1=config.b1, b2=config.b2,
                         weight_decay=config.weight_decay)
     if config.max_grad_norm is None:
@@ -79,6 +84,10 @@ _METRIC_NAMES = {
     "actor/loss": "loss",
     "actor/kl": "kl",
     "actor/grad_norm": "grad_norm",
+    # PPO's critic: its clipped value loss, mean predicted value, and gradient norm.
+    "critic/loss": "critic_loss",
+    "critic/vpred_mean": "value_mean",
+    "critic/grad_norm": "critic_grad_norm",
     "completions/mean_length": "completion_length",
     # The SFT warm-up's trainer (jaxpost.sft) logs under the "sft" prefix.
     "sft/loss": "sft/loss",
@@ -211,7 +220,8 @@ class MetricsRecorder:
             "dpo": (("dpo/loss", "loss {:.4f}"), ("dpo/rewards/margin", "margin {:.4f}"),
                     ("dpo/rewards/accuracy", "accuracy {:.2f}"),
                     ("dpo/learning_rate", "lr {:.2e}")),
-            "grpo": (("reward", "reward {:.3f}"), ("kl", "kl {:.4f}"), ("loss", "loss {:.4f}")),
+            "grpo": (("reward", "reward {:.3f}"), ("kl", "kl {:.4f}"), ("loss", "loss {:.4f}"),
+                     ("critic_loss", "critic loss {:.4f}")),
         }[self.stage]
         for key, fmt in keys:
             if key in row:
@@ -269,6 +279,35 @@ def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, float]]:
     return [rows[s] for s in sorted(rows)]
 
 
+def _align_critic_checkpoints(run: RunDir, policy_step: int | None) -> None:
+    """Makes PPO's critic resume from a step no newer than the policy's.
+
+    Tunix restores the newest checkpoint of each; a critic step newer than the policy's
+    (the policy's was unreadable and moved aside) is moved aside too, so the values
+    never come from a later point of training than the policy.
+
+    Raises:
+      ValueError: the policy has checkpoints but the critic none: the run directory was
+        trained by another algorithm.
+    """
+    from jaxpost.checkpoints import finished_steps, move_aside, resume_step
+
+    critic_dir = run.critic_checkpoint_dir
+    critic_step = resume_step(critic_dir)
+    if policy_step is None:
+        newer = finished_steps(critic_dir)
+    elif critic_step is None:
+        raise ValueError(f"{run.grpo_checkpoint_dir} holds policy checkpoints but "
+                         f"{critic_dir} no critic: this output_dir was trained with another "
+                         "algorithm than PPO; give the PPO run its own output_dir")
+    else:
+        newer = [s for s in finished_steps(critic_dir) if s > policy_step]
+    for step in newer:
+        target = move_aside(critic_dir / str(step))
+        print(f"jaxpost: critic checkpoint step {step} is newer than the policy's "
+              f"({policy_step}); moved it to {target}", flush=True)
+
+
 def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerState:
     """Trains ``session.lora_model`` with GRPO; resumes from the latest checkpoint.
 
@@ -324,6 +363,9 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
             print(f"jaxpost: resuming from checkpoint step {resumed_from} in "
                   f"{config.checkpoint_dir}", flush=True)
 
+    critic = None
+    if config.algorithm == "ppo":
+        _align_critic_checkpoints(run, resumed_from)
     recorder = MetricsRecorder(out / METRICS_FILE, config.total_steps, config.log_every_steps,
                                schedule=make_schedule(config), wandb_run=wandb_run)
     backends = [lambda: recorder]
@@ -337,12 +379,21 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     t0 = time.time()
     # Tunix scores only completion tokens; computing the other logits would cost more
     # than the transformer layers themselves (see jaxpost.fast_logits).
-    with completion_logits_only([session.lora_model, loaded.model], config.max_new_tokens,
-                                remat=config.remat):
+    if config.algorithm == "ppo":
+        from jaxpost.critic import build_value_model
+
+        critic = build_value_model(loaded.model, loaded.mesh, rank=config.lora_rank,
+                                   alpha=config.lora_alpha,
+                                   target_modules=config.lora_target_modules,
+                                   seed=config.seed + 1)
+    models = [session.lora_model, loaded.model] + ([critic.backbone] if critic else [])
+    with completion_logits_only(models, config.max_new_tokens, remat=config.remat):
         cluster = tunix_adapter.build_cluster(
             actor=session.lora_model, reference=loaded.model, tokenizer=loaded.tokenizer,
             mesh=loaded.mesh, optimizer=make_optimizer(config), config=config,
-            eos_ids=loaded.eos_ids, metric_backends=backends)
+            eos_ids=loaded.eos_ids, metric_backends=backends, critic=critic,
+            critic_optimizer=(make_optimizer(config, config.ppo_settings()[
+                "critic_learning_rate"]) if critic else None))
         metric_fns = []
         if getattr(session, "judge", None) is not None:
             from jaxpost.judges import judge_metrics_fn

@@ -23,6 +23,7 @@ from tunix.rl import algo_core, common, function_registry
 from tunix.rl import utils as rl_utils
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import drgrpo_learner, grpo_learner
+from tunix.rl.ppo import ppo_learner
 from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger, peft_trainer
 from tunix.sft.dpo import dpo_trainer
@@ -114,6 +115,63 @@ def grpo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwarg
 
 function_registry.register_policy_loss_fn(CHUNKED_GRPO_LOSS)(grpo_loss_chunked)
 
+# Name under which jaxpost's memory-lean PPO policy loss is registered with Tunix.
+CHUNKED_PPO_LOSS = "jaxpost_ppo_chunked"
+
+
+def ppo_loss_chunked(model, train_example, algo_config, pad_id, eos_id, **kwargs):
+    """Tunix's PPO policy loss (its ``ppo_policy_loss_fn``), with log-probs in chunks.
+
+    The clipped surrogate ``max(-r A, -clip(r, 1 - epsilon_low, 1 + epsilon_high) A)``
+    per token, with per-token advantages A (GAE from the critic's values), the
+    dual clip ``epsilon_c`` on negative advantages when set, averaged over the batch's
+    completion tokens. The KL penalty is not here: Tunix's PPO subtracts it from the
+    rewards.
+
+    One difference from Tunix 0.1.7, on purpose: Tunix's PPO loss scores the new
+    log-probabilities at temperature 1 while the old ones (and the rollout) use the
+    sampling temperature, so with temperature != 1 the ratio starts away from 1; this
+    loss divides by ``algo_config.temperature`` as jaxpost's old log-probs do. At
+    temperature 1 both are equal in value and gradient (tested). Models without
+    trimmed-logit support, packed sequences, ``kl_coef`` and ``entropy_coef`` (an
+    entropy bonus) use Tunix's loss.
+    """
+    import jax.numpy as jnp
+
+    from jaxpost.fast_logits import Gemma3TrimmedLogits, completion_logps
+
+    # jaxpost's entropy carries no gradient, so an entropy bonus is Tunix's alone.
+    tunix_only = (getattr(train_example, "segment_ids", None) is not None
+                  or getattr(algo_config, "kl_coef", 0.0) or algo_config.entropy_coef)
+    if not isinstance(model, Gemma3TrimmedLogits) or tunix_only:
+        why = (f"{type(model).__name__} is not a Gemma 3 model" if not tunix_only else
+               "packed sequences, kl_coef and entropy_coef are Tunix's alone")
+        logging.getLogger(__name__).info(
+            "PPO loss: Tunix's full-logits loss, not jaxpost's chunked one: %s", why)
+        return algo_core.ppo_policy_loss_fn(model, train_example, algo_config, pad_id,
+                                            eos_id, **kwargs)
+    mask = train_example.completion_mask
+    logps, _ = completion_logps(model, train_example.prompt_ids,
+                                train_example.completion_ids, pad_id,
+                                temperature=getattr(algo_config, "temperature", 1.0),
+                                prompt_group=getattr(model, "prompt_group", 1),
+                                layer_inputs=_ROLLOUT_LAYER_INPUTS.get())
+    ratio = jnp.exp(logps - train_example.old_per_token_logps.astype(jnp.float32))
+    adv = train_example.advantages.astype(jnp.float32)  # [batch, completion]
+    pg1 = -ratio * adv
+    pg2 = -jnp.clip(ratio, 1 - algo_config.epsilon_low, 1 + algo_config.epsilon_high) * adv
+    per_token = jnp.maximum(pg1, pg2)
+    dual = per_token if algo_config.epsilon_c is None else -algo_config.epsilon_c * adv
+    lower_clipped = ((per_token > dual) & (adv < 0.0)).astype(jnp.float32)
+    per_token = jnp.where(adv < 0.0, jnp.minimum(dual, per_token), per_token)
+    loss = algo_core.masked_mean(per_token, mask)
+    aux = {"pg_clipfrac": algo_core.masked_mean(jnp.greater(pg2, pg1), mask),
+           "pg_clipfrac_lower": algo_core.masked_mean(lower_clipped, mask)}
+    return loss, aux
+
+
+function_registry.register_policy_loss_fn(CHUNKED_PPO_LOSS)(ppo_loss_chunked)
+
 
 def build_cluster(
     *,
@@ -125,8 +183,10 @@ def build_cluster(
     config: Any,
     eos_ids: Sequence[int],
     metric_backends: Sequence[Callable[[], Any]],
+    critic: nnx.Module | None = None,
+    critic_optimizer: optax.GradientTransformation | None = None,
 ) -> rl_cluster_lib.RLCluster:
-    """An RLCluster with actor, reference and rollout colocated on one mesh.
+    """An RLCluster with actor, reference and rollout (and PPO's critic) on one mesh.
 
     Colocation lets Tunix share the base weights between the LoRA actor and the
     reference model, and sample from the actor's live weights without a copy.
@@ -135,10 +195,13 @@ def build_cluster(
       actor: the LoRA-wrapped policy (only ``nnx.LoRAParam`` train).
       reference: the frozen base model the actor wraps.
       metric_backends: factories of logging backends (``log_scalar``/``close``).
+      critic, critic_optimizer: PPO's value model (:class:`jaxpost.critic.ValueModel`)
+        and its optimizer; Tunix checkpoints it beside the actor, under ``critic/``.
     """
     cache_size = config.max_prompt_length + config.max_new_tokens
     training = rl_cluster_lib.RLTrainingConfig(
         actor_optimizer=optimizer,
+        critic_optimizer=critic_optimizer,
         eval_every_n_steps=10**9,  # evaluation is jaxpost's own, after training
         max_steps=config.total_steps,
         mini_batch_size=config.mini_batch_size,
@@ -168,16 +231,20 @@ def build_cluster(
         seed=int(config.seed),
     )
     cluster_config = rl_cluster_lib.ClusterConfig(
-        role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh},
+        role_to_mesh={Role.ACTOR: mesh, Role.REFERENCE: mesh, Role.ROLLOUT: mesh,
+                      Role.CRITIC: mesh},
         rollout_engine="vanilla",
         offload_to_cpu=False,
         training_config=training,
         rollout_config=rollout,
     )
     with _no_anchor_snapshot(actor):
-        cluster = rl_cluster_lib.RLCluster(actor=actor, reference=reference,
+        cluster = rl_cluster_lib.RLCluster(actor=actor, critic=critic, reference=reference,
                                            tokenizer=tokenizer, cluster_config=cluster_config)
     keep_frozen_weights_in_place(cluster.actor_trainer)
+    if critic is not None:
+        keep_frozen_weights_in_place(cluster.critic_trainer)
+        write_critic_metrics_on_close(cluster)
     chunk_reference_logps(cluster.inference_worker)
     chunk_old_logps(cluster)
     share_frozen_weights_with_anchor(cluster)
@@ -189,6 +256,29 @@ def build_cluster(
 
     release_free_memory()  # what loading and building freed, before the first rollout
     return cluster
+
+
+def write_critic_metrics_on_close(cluster: rl_cluster_lib.RLCluster) -> None:
+    """Makes ``cluster.close()`` write PPO's critic's last metrics before closing.
+
+    The actor's and the critic's trainers share one metrics logger, and Tunix 0.1.7
+    closes it with the actor's trainer, before the critic's trainer writes its last
+    step's metrics: those were lost. A trainer writes a step's metrics one step late
+    (the first call moves the last buffer up, the second writes it), hence two calls.
+    """
+    import types
+
+    critic = getattr(cluster, "_critic_trainer", None)
+    if critic is None:
+        return
+    original = cluster.close
+
+    def close(self):
+        for _ in range(2):
+            critic._write_train_metrics()
+        original()
+
+    cluster.close = types.MethodType(close, cluster)
 
 
 @contextlib.contextmanager
@@ -508,13 +598,100 @@ def rl_algorithm_config(config: Any) -> grpo_learner.GRPOConfig:
     return GRPOClipConfig(**common_args)
 
 
+@dataclasses.dataclass(kw_only=True)
+class PPOGroupConfig(ppo_learner.PPOConfig):
+    """Tunix's ``PPOConfig`` with G completions per prompt and the sampling temperature.
+
+    ``num_generations`` completions are sampled per prompt, each its own episode (the
+    advantages come from the critic, not from the group); ``temperature`` is the
+    rollout's, which :func:`ppo_loss_chunked` divides the logits by.
+    """
+
+    num_generations: int = 1
+    temperature: float = 1.0
+
+
+class PPOGroupLearner(ppo_learner.PPOLearner):
+    """Tunix's ``PPOLearner``, sampling ``num_generations`` completions per prompt.
+
+    Tunix's PPO samples one completion per prompt; its base learner repeats each prompt
+    as many times as ``_num_generations`` says, so this gives PPO the same rollout
+    budget per step as GRPO's G completions.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.algo_config.temperature = self.rl_cluster.get_rollout_config(
+            mode=rl_cluster_lib.Mode.TRAIN).temperature
+
+    def _num_generations(self) -> int:
+        return self.algo_config.num_generations
+
+    def _generate_and_compute_advantage(self, training_input, mode=rl_cluster_lib.Mode.TRAIN):
+        with float_token_rewards():
+            return super()._generate_and_compute_advantage(training_input, mode)
+
+
+class _FloatZerosLike:
+    """``jax.numpy`` whose ``zeros_like`` makes float32 arrays (see float_token_rewards)."""
+
+    def __getattr__(self, name):
+        import jax.numpy as jnp
+
+        return getattr(jnp, name)
+
+    @staticmethod
+    def zeros_like(a, dtype=None, **kwargs):
+        import jax.numpy as jnp
+
+        return jnp.zeros_like(a, dtype=jnp.float32 if dtype is None else dtype, **kwargs)
+
+
+@contextlib.contextmanager
+def float_token_rewards() -> Iterator[None]:
+    """Within the block, Tunix's PPO keeps fractional rewards.
+
+    Tunix 0.1.7 builds PPO's per-token rewards as ``jnp.zeros_like(completion_ids)``, an
+    int32 array, and adds each completion's score at its last token: a score of 0.75
+    becomes 0 and 2.5 becomes 2 (JAX warns "scatter inputs have incompatible types").
+    Here that module's ``zeros_like`` makes float32 arrays; its other uses of
+    ``jax.numpy`` are unchanged. A test checks that a score of 0.25 reaches the rewards.
+    """
+    original = ppo_learner.jnp
+    ppo_learner.jnp = _FloatZerosLike()
+    try:
+        yield
+    finally:
+        ppo_learner.jnp = original
+
+
+def ppo_algorithm_config(config: Any) -> PPOGroupConfig:
+    """Tunix's PPO config for ``config``: clipped surrogate, GAE, clipped value loss.
+
+    The KL penalty beta * KL(policy || reference) is subtracted from each token's
+    reward (Tunix's PPO); the reward itself comes at the completion's last token.
+    """
+    ppo = config.ppo_settings()
+    return PPOGroupConfig(num_generations=config.num_generations,
+                          num_iterations=config.num_iterations, beta=config.kl_beta,
+                          epsilon=config.clip_low, epsilon_low=config.clip_low,
+                          epsilon_high=config.clip_high, gamma=ppo["gamma"],
+                          gae_lambda=ppo["gae_lambda"], clip_range_value=ppo["value_clip"],
+                          policy_loss_fn=CHUNKED_PPO_LOSS)
+
+
 def build_grpo_learner(cluster, config: Any, reward_fns: list[Callable],
                        metric_fns: Sequence[Callable] = ()):
-    """Tunix's GRPO-family learner for ``config.algorithm`` (see :func:`rl_algorithm_config`).
+    """Tunix's learner for ``config.algorithm``: a GRPO-family learner (see
+    :func:`rl_algorithm_config`), or PPO's (:func:`ppo_algorithm_config`; the cluster
+    must then hold a critic).
 
     ``metric_fns`` are called once per rollout batch after the rewards, with Tunix's
     metric-function signature, and return ``{name: (value, aggregate_fn)}``.
     """
+    if config.algorithm == "ppo":
+        return PPOGroupLearner(rl_cluster=cluster, ppo_config=ppo_algorithm_config(config),
+                               reward_fns=reward_fns, metric_fns=list(metric_fns) or None)
     algo = rl_algorithm_config(config)
     return grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns,
                                     metric_fns=list(metric_fns) or None)
