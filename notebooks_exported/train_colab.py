@@ -240,7 +240,7 @@ PRESET = os.environ.get("JAXPOST_PRESET", "auto")
 OUTPUT_DIR = os.environ.get("JAXPOST_OUTPUT_DIR", "")
 MAX_STEPS = os.environ.get("JAXPOST_MAX_STEPS", "")
 SAVE_TO_DRIVE = os.environ.get("JAXPOST_SAVE_TO_DRIVE", "")
-ALGORITHM = os.environ.get("JAXPOST_ALGORITHM", "")  # grpo, dapo, dr_grpo, gspo, rloo
+ALGORITHM = os.environ.get("JAXPOST_ALGORITHM", "")  # grpo, dapo, dr_grpo, gspo, rloo, ppo, dpo
 TEST_QUESTION = "A baker makes 23 muffins and sells 8. How many are left?"
 
 # %% [markdown]

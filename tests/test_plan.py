@@ -204,3 +204,14 @@ def test_cli_plans_one_preset_or_summarises_every_accelerator_preset(capsys):
     assert "DOES NOT FIT" in out and "to fit, any one of: --set" in out
     assert main(["plan", "--preset", "colab_tpu", "--devices", "4"]) == 2
     assert "needs 8 devices" in capsys.readouterr().err
+
+
+def test_ppo_plans_its_critic_lora_moments_and_update():
+    grpo = get_preset("default")
+    ppo = dataclasses.replace(grpo, algorithm="ppo")
+    plain, with_critic = memory_plan(grpo), memory_plan(ppo)
+    lora = sum(r.bytes for r in plain.rows if r.label.startswith("LoRA weights"))
+    # The critic holds its adapters and their two moments: three times the policy's LoRA.
+    assert with_critic.held_bytes - plain.held_bytes == pytest.approx(3 * lora, rel=0.01)
+    assert "critic update" in with_critic.phases and "critic update" not in plain.phases
+    assert "critic's activations" in with_critic.table()

@@ -20,6 +20,8 @@ What it counts, per device of an ``fsdp x tp`` mesh:
     layer activations the backward pass reads, and the chunked log-probs
     (:func:`jaxpost.fast_logits.completion_logps`); on a mesh with fsdp > 1, the
     gathered shards of the embedding;
+  - critic update (PPO only): the critic's LoRA gradients and activations for the same
+    rows (:mod:`jaxpost.critic`; its LoRA, value head and moments are held for the run);
   - SFT update (when ``sft_steps`` > 0): the same for ``sft_batch_size`` rows;
   - held-out evaluation (when ``final_eval_examples`` > 0): the KV cache of its
     batches of 8.
@@ -448,6 +450,11 @@ def memory_plan(config: ColabTrainingConfig, *, platform: str = "cpu",
     out = [Row("held", "base weights (the reference model shares them)", weights),
            Row("held", f"LoRA weights (r={config.lora_rank})", lora),
            Row("held", "AdamW moments (2 x LoRA)", 2 * lora)]
+    # PPO's critic (jaxpost.critic): the shared base, LoRA of its own and a value head.
+    critic = lora + (s.embed_dim + 1) * 4
+    if config.algorithm == "ppo":
+        out += [Row("held", f"critic's LoRA (r={config.lora_rank}) and value head", critic),
+                Row("held", "critic's AdamW moments", 2 * critic)]
     if keeps:
         out.append(Row("held", "rollout's layer inputs, kept for the update",
                        (s.num_layers + 1) * rows * tokens * s.embed_dim * b))
@@ -473,6 +480,12 @@ def memory_plan(config: ColabTrainingConfig, *, platform: str = "cpu",
     if not chunked:  # Tunix's prefill computes the logits of every prompt position
         out.append(Row("rollout", "prefill logits", rows * prompt * s.vocab_size * b))
     out += update("GRPO update", rows, config.num_generations)
+    if config.algorithm == "ppo":  # the critic's update, after the policy's
+        r, t = (packed_rows(s, rows, prompt, completion, config.num_generations) if chunked
+                else (rows, tokens))
+        out += [Row("critic update", "critic's LoRA gradients", critic),
+                Row("critic update", "critic's activations",
+                    update_activation_bytes(-(-r // fsdp), t, per_tp, b, remat))]
     if config.sft_steps:
         out += update("SFT update", config.sft_batch_size, 1)
     if config.final_eval_examples:
@@ -492,7 +505,8 @@ def memory_plan(config: ColabTrainingConfig, *, platform: str = "cpu",
     prompts = rows // config.num_generations
     notes = (f"{s.family}: {s.num_layers} layers, {params / 1e9:.2f} B parameters; "
              f"LoRA r={config.lora_rank}",
-             f"GRPO: {prompts} prompt{'s' * (prompts > 1)} x G={config.num_generations} = "
+             f"{config.algorithm.upper()}: {prompts} prompt{'s' * (prompts > 1)} x "
+             f"G={config.num_generations} = "
              f"{rows} rows of {prompt} + {completion} tokens per rollout and update, "
              f"remat {'on' if remat else 'off'}")
     return MemoryPlan(config=config, platform=platform, kind=kind, devices=devices, mesh=mesh,
