@@ -22,9 +22,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_config(run_dir: str):
-    from jaxpost.rundir import RunDir
+    from jaxpost.config import load_run_config
 
-    return RunDir(run_dir).read_config()
+    return load_run_config(run_dir)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -19,16 +19,17 @@ from typing import Any
 
 import yaml
 
+from jaxpost.rubrics import (  # noqa: F401  (re-exported)
+    AGGREGATIONS,
+    CATEGORIES,
+    DEFAULT_CATEGORY_WEIGHTS,
+)
 from jaxpost.rundir import RunDir
 
-# Rubric and judge vocabularies, here so that importing the config imports no JAX
-# (jaxpost.rubrics and jaxpost.judges use these).
+# The judge vocabulary, here so that importing the config imports no JAX (jaxpost.judges,
+# which uses these, does).
 JUDGE_KINDS = ("model", "api", "lexical")
 REFERENCE_JUDGE = "reference"
-CATEGORIES = ("essential", "important", "optional", "pitfall")
-# RaR's own scale: Essential 5, Important 3-4, Optional 1-2, Pitfall -1 to -2.
-DEFAULT_CATEGORY_WEIGHTS = (5.0, 3.0, 1.0, 2.0)
-AGGREGATIONS = ("explicit", "implicit")
 
 DEFAULT_LORA_TARGETS = (
     ".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
@@ -706,6 +707,20 @@ def load_yaml(path: str, base: ColabTrainingConfig | None = None) -> ColabTraini
         return from_dict(data, base)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def load_run_config(run_dir: str | os.PathLike) -> ColabTrainingConfig:
+    """The ``ColabTrainingConfig`` a training run ran with (its ``config.yaml``).
+
+    Raises:
+      FileNotFoundError: the directory holds no ``config.yaml``.
+      ValueError: the file is not a valid config (the message names the file).
+    """
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise FileNotFoundError(f"{run.config_file} is missing: RUN_DIR must be the "
+                                "output_dir of a jaxpost train run")
+    return load_yaml(str(run.config_file))
 
 
 def default_config() -> ColabTrainingConfig:

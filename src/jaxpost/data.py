@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import grain
 import numpy as np
 
+from jaxpost.jsonl import read_jsonl
 from jaxpost.prompts import format_prompt, resolve_chat_template
 
 logger = logging.getLogger("jaxpost.data")
@@ -163,31 +164,6 @@ def parse_dataset_spec(spec: str) -> DatasetSpec:
             raise _invalid_spec(spec, "rubric-demo takes no argument")
         return DatasetSpec(kind, arg or None, max_examples, {})
     raise _invalid_spec(spec, f"unknown dataset kind {kind!r}")
-
-
-def read_jsonl(path: Path, expected: str, skipped: collections.Counter) -> list[dict]:
-    """Rows of a JSONL file; blank lines are ignored, bad lines counted in `skipped`.
-
-    Raises:
-      FileNotFoundError: naming the file and ``expected`` (what it should hold).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} not found; expected {expected}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                skipped["invalid JSON"] += 1
-                continue
-            if not isinstance(row, dict):
-                skipped["not a JSON object"] += 1
-                continue
-            rows.append(row)
-    return rows
 
 
 def _question_answer(

@@ -354,8 +354,8 @@ class _Adapters:
 
 def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
     """Checks a ``lora`` path without loading a model; None (or "base") for no adapters."""
-    from jaxpost.checkpoints import newest_readable_step
-    from jaxpost.config import load_yaml
+    from jaxpost.checkpoints import final_stage_dir, newest_readable_step
+    from jaxpost.config import load_run_config, load_yaml
     from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG, EXPORT_METRICS
     from jaxpost.rundir import CONFIG_FILE, RunDir
 
@@ -378,17 +378,18 @@ def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
         raise ValueError(f"lora={str(lora)!r} holds neither {ADAPTER_FILE} (a LoRA export) nor "
                          f"{CONFIG_FILE} (a training run's output_dir)")
     run = RunDir(path)
-    ckpt_dir = run.final_checkpoint_dir()
+    ckpt_dir = final_stage_dir(run.checkpoint_dir)
     step = newest_readable_step(ckpt_dir)
     if step is None:
         raise ValueError(f"lora={str(lora)!r} is a run directory without a finished checkpoint "
                          f"that can be read in {ckpt_dir}: train first (jaxpost train --set "
                          f"output_dir={path})")
-    return _Adapters(path, "run", run.read_config(), step)
+    return _Adapters(path, "run", load_run_config(path), step)
 
 
 def _adapted_model(loaded, adapters: _Adapters):
     """The base model of ``loaded`` with ``adapters`` applied (base weights shared)."""
+    from jaxpost.checkpoints import final_stage_dir
     from jaxpost.export import checkpoint_lora_arrays, load_lora_export, set_lora_arrays
     from jaxpost.lora import apply_lora
     from jaxpost.rundir import RunDir
@@ -396,7 +397,7 @@ def _adapted_model(loaded, adapters: _Adapters):
     if adapters.kind == "export":
         return load_lora_export(adapters.path, loaded)
     config = adapters.config
-    ckpt_dir = RunDir(adapters.path).final_checkpoint_dir()
+    ckpt_dir = final_stage_dir(RunDir(adapters.path).checkpoint_dir)
     _, arrays = checkpoint_lora_arrays(ckpt_dir, adapters.step)
     model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank, alpha=config.lora_alpha,
                        target_modules=config.lora_target_modules)

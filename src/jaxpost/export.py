@@ -148,11 +148,12 @@ def export_checkpoint(config: ColabTrainingConfig, trainer_state=None,
     Returns:
       The export directory.
     """
+    from jaxpost.checkpoints import final_stage_dir
     from jaxpost.rundir import RunDir
     from jaxpost.train import read_metrics
 
     run = RunDir(config.output_dir if run_dir is None else run_dir)
-    step, arrays = checkpoint_lora_arrays(run.final_checkpoint_dir())
+    step, arrays = checkpoint_lora_arrays(final_stage_dir(run.checkpoint_dir))
     history = read_metrics(run.path)
     rewards = [h["reward"] for h in history if "reward" in h]
     metrics = {
@@ -176,7 +177,7 @@ def checkpoint_lora_arrays(checkpoint_dir, step: int | None = None) -> tuple[int
 
     Args:
       checkpoint_dir: a stage's checkpoint directory, e.g.
-        ``RunDir(run_dir).final_checkpoint_dir()``.
+        ``jaxpost.checkpoints.final_stage_dir(RunDir(run_dir).checkpoint_dir)``.
       step: the checkpoint step; the newest readable one when None.
 
     Returns:

@@ -635,6 +635,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "lora",
       FileNotFoundError: ``run_dir`` is neither a run nor a LoRA export.
     """
     from jaxpost.export import check_export_target, export_directory
+    from jaxpost.config import load_run_config
     from jaxpost.gguf_export import GGUF_TYPES
     from jaxpost.rundir import RunDir
 
@@ -661,7 +662,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "lora",
             raise FileNotFoundError(f"{run.config_file} is missing: RUN_DIR must be the "
                                     "output_dir of a jaxpost train run or a LoRA export "
                                     "directory (adapter.safetensors + config.yaml)")
-        lora_dir = export_checkpoint(run.read_config(), out_dir=out_dir if fmt == "lora" else None,
+        lora_dir = export_checkpoint(load_run_config(path), out_dir=out_dir if fmt == "lora" else None,
                                      run_dir=path)
         if fmt == "lora":
             return lora_dir

@@ -24,6 +24,20 @@ _STOP_STRINGS = {
     "none": [],
 }
 
+# End-of-turn markers a decoder may leave at the end of a completion (Gemma, Llama/
+# SentencePiece, ChatML). They are not the model's text, so format rewards ignore one.
+END_MARKERS: tuple[str, ...] = ("<end_of_turn>", "<eos>", "</s>", "<|im_end|>")
+
+
+def strip_end_marker(completion: str) -> str:
+    """The completion without surrounding whitespace and a trailing end-of-turn marker."""
+    text = completion.strip()
+    for marker in END_MARKERS:
+        if text.endswith(marker):
+            return text[: -len(marker)].rstrip()
+    return text
+
+
 # Hugging Face `config.json` model_type -> template.
 _MODEL_TYPE_TEMPLATES = {
     "gemma": "gemma",

@@ -31,6 +31,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from jaxpost.prompts import END_MARKERS, strip_end_marker  # noqa: F401  (re-exported)
 from jaxpost.rubrics import DEFAULT_CATEGORY_WEIGHTS, rubric
 
 __all__ = [
@@ -55,10 +56,6 @@ __all__ = [
 ]
 
 RewardFn = Callable[..., list[float]]
-
-# End-of-turn markers a decoder may leave at the end of a completion (Gemma, Llama/
-# SentencePiece, ChatML). They are not the model's text, so format rewards ignore one.
-END_MARKERS: tuple[str, ...] = ("<end_of_turn>", "<eos>", "</s>", "<|im_end|>")
 
 # Relative tolerance under which two numbers count as equal (float round-off, "1000.0").
 _NUMERIC_RTOL = 1e-6
@@ -184,15 +181,6 @@ def normalize_answer(text: str) -> str:
 
 def _numbers_equal(x: float, y: float) -> bool:
     return abs(x - y) < _NUMERIC_RTOL * max(1.0, abs(x), abs(y))
-
-
-def strip_end_marker(completion: str) -> str:
-    """The completion without surrounding whitespace and a trailing end-of-turn marker."""
-    text = completion.strip()
-    for marker in END_MARKERS:
-        if text.endswith(marker):
-            return text[: -len(marker)].rstrip()
-    return text
 
 
 def _echo_words(text: str) -> list[str]:

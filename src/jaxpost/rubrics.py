@@ -36,14 +36,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from jaxpost.config import (  # noqa: F401  (re-exported)
-    AGGREGATIONS,
-    CATEGORIES,
-    DEFAULT_CATEGORY_WEIGHTS,
-)
-from jaxpost.data import read_jsonl
+from jaxpost.jsonl import read_jsonl
+from jaxpost.prompts import strip_end_marker
 
 logger = logging.getLogger("jaxpost.rubrics")
+
+# The criteria's categories, in the order of a rubric_category_weights tuple.
+CATEGORIES = ("essential", "important", "optional", "pitfall")
+# RaR's own scale: Essential 5, Important 3-4, Optional 1-2, Pitfall -1 to -2.
+DEFAULT_CATEGORY_WEIGHTS = (5.0, 3.0, 1.0, 2.0)
+AGGREGATIONS = ("explicit", "implicit")
 
 DEMO_RUBRICS = "rubrics_demo.jsonl"
 
@@ -419,7 +421,6 @@ def rubric(
             raise ValueError(f"rubric: column {name!r} has {len(col)} values for "
                              f"{len(completions)} completions")
     # Imported here: jaxpost.rewards imports this module for its registry.
-    from jaxpost.rewards import strip_end_marker
 
     rubrics = [parse_rubric(str(r)) for r in raw_rubrics]
     texts = [strip_end_marker(c) for c in completions]

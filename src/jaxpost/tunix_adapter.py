@@ -922,8 +922,8 @@ def dpo_checkpoint_dir(checkpoint_dir) -> str:
 
 def final_checkpoint_dir(checkpoint_dir) -> str:
     """The checkpoints holding a run's latest LoRA weights under ``checkpoint_dir``
-    (:meth:`jaxpost.rundir.RunDir.final_checkpoint_dir`)."""
-    from jaxpost.rundir import final_stage_dir
+    (:func:`jaxpost.checkpoints.final_stage_dir`)."""
+    from jaxpost.checkpoints import final_stage_dir
 
     return str(final_stage_dir(checkpoint_dir))
 
