@@ -27,8 +27,8 @@ What it counts, per device of an ``fsdp x tp`` mesh:
     batches of 8.
 
 The shapes and byte counts are in :mod:`jaxpost.shapes`. The activation and log-prob
-terms are fitted to what XLA's CPU compiler allocates for the chunked loss's gradient (``memory_analysis()`` of 39 compiled steps of small random
-Gemma 3 models, float32 and bfloat16, with and without remat, chunks of 64 to 256 rows):
+terms are fitted to what XLA's CPU compiler allocates for the chunked loss's gradient
+(``memory_analysis()`` of 39 compiled steps of small random Gemma 3 models, float32 and bfloat16, with and without remat, chunks of 64 to 256 rows):
 the estimates lie between 3% under and 17% over, except bfloat16 steps with remat, which
 they overestimate by 2% to 75% (XLA's CPU compiler recomputes those in less memory).
 XLA on TPU and GPU keeps bfloat16 products in bfloat16, so there they should
