@@ -28,16 +28,15 @@ What it counts, per device of an ``fsdp x tp`` mesh:
 
 The shapes and byte counts are in :mod:`jaxpost.shapes`. The activation and log-prob
 terms are fitted to what XLA's CPU compiler allocates for the chunked loss's gradient
-(``memory_analysis()`` of 39 compiled steps of small random Gemma 3 models, float32 and bfloat16, with and without remat, chunks of 64 to 256 rows):
-the estimates lie between 3% under and 17% over, except bfloat16 steps with remat, which
-they overestimate by 2% to 75% (XLA's CPU compiler recomputes those in less memory).
-XLA on TPU and GPU keeps bfloat16 products in bfloat16, so there they should
-overestimate more. Activations are split over the mesh as Tunix's activation sharding
-says (rows over ``fsdp``, features and heads over ``tp``). Sequences are counted at
-their budgets (``max_prompt_length``, ``max_new_tokens``). Not counted: a judge model
-other than the reference; on a CPU, Python and the libraries are taken off the usable
-memory (:data:`CPU_RUNTIME_GIB`).
-"""
+(``memory_analysis()`` of 39 compiled steps of small random Gemma 3 models, float32 and
+bfloat16, with and without remat, chunks of 64 to 256 rows): the estimates lie between
+3% under and 17% over, except bfloat16 steps with remat, which they overestimate by 2%
+to 75% (XLA's CPU compiler recomputes those in less memory). XLA on TPU and GPU keeps
+bfloat16 products in bfloat16, so there they should overestimate more. Activations are
+split over the mesh as Tunix's activation sharding says (rows over ``fsdp``, features
+and heads over ``tp``). Sequences are counted at their budgets (``max_prompt_length``,
+``max_new_tokens``). Not counted: a judge model other than the reference; on a CPU,
+Python and the libraries are taken off the usable memory (:data:`CPU_RUNTIME_GIB`). """
 
 from __future__ import annotations
 
