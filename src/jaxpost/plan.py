@@ -36,7 +36,8 @@ bfloat16 products in bfloat16, so there they should overestimate more. Activatio
 split over the mesh as Tunix's activation sharding says (rows over ``fsdp``, features
 and heads over ``tp``). Sequences are counted at their budgets (``max_prompt_length``,
 ``max_new_tokens``). Not counted: a judge model other than the reference; on a CPU,
-Python and the libraries are taken off the usable memory (:data:`CPU_RUNTIME_GIB`). """
+Python and the libraries are taken off the usable memory (:data:`CPU_RUNTIME_GIB`).
+"""
 
 from __future__ import annotations
 
