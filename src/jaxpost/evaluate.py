@@ -456,14 +456,16 @@ def _check_options(*, data, num_examples, k, num_samples, temperature, top_k, to
                     max_new_tokens, batch_size, int(seed))
 
 
-def _prompt_config(model_source: str, own: _Adapters | None, other: _Adapters | None):
-    """The config whose prompt settings format the prompts of one side."""
-    from jaxpost.config import ColabTrainingConfig
+def _prompt_format(model_source: str, own: _Adapters | None, other: _Adapters | None):
+    """The prompt format of one side: its adapters' run's, else the other side's, else
+    the default system prompt under ``model_source``'s template."""
+    from jaxpost.config import DEFAULT_SYSTEM_PROMPT
+    from jaxpost.prompts import PromptFormat, resolve_chat_template
 
     for adapters in (own, other):
         if adapters is not None:
-            return adapters.config
-    return ColabTrainingConfig(model=model_source)
+            return PromptFormat.from_config(adapters.config)
+    return PromptFormat(resolve_chat_template(model_source), DEFAULT_SYSTEM_PROMPT)
 
 
 def _base_key(model_source: str | None, adapters: Sequence[_Adapters | None]):
@@ -481,15 +483,14 @@ def _base_key(model_source: str | None, adapters: Sequence[_Adapters | None]):
     return model_source, dtype, seed
 
 
-def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_config,
+def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_format,
          examples: list[dict], opts: _Options) -> EvalReport:
     """Generates and scores every example with ``model``; prints a progress line per batch."""
-    from jaxpost.prompts import format_prompt, resolve_chat_template, system_text
+    from jaxpost.prompts import format_prompt
     from jaxpost.sampling import generate, make_sampler
 
     t0 = time.time()
-    template = resolve_chat_template(prompt_config.model, prompt_config.chat_template)
-    prompts = [format_prompt(e["question"], prompt_config, template=template) for e in examples]
+    prompts = [format_prompt(e["question"], prompt_format) for e in examples]
     n = opts.num_samples
     rows = [p for p in prompts for _ in range(n)]  # [examples * n]
     # One prompt length and one batch shape for every batch: nothing recompiles.
@@ -512,8 +513,8 @@ def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_config,
     records = []
     for i, (example, prompt) in enumerate(zip(examples, prompts)):
         record = score_completions(example, texts[i * n:(i + 1) * n],
-                                   reasoning_tag=prompt_config.reasoning_tag,
-                                   answer_tag=prompt_config.answer_tag,
+                                   reasoning_tag=prompt_format.reasoning_tag,
+                                   answer_tag=prompt_format.answer_tag,
                                    max_new_tokens=opts.max_new_tokens, k=opts.k,
                                    tokenizer=loaded.tokenizer, prompt=prompt)
         records.append({"index": i, "prompt": prompt, **record})
@@ -524,8 +525,8 @@ def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_config,
         "checkpoint_step": None if adapters is None else adapters.step,
         **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)},
         "num_examples": len(examples),
-        "chat_template": template,
-        "system_prompt": system_text(prompt_config),
+        "chat_template": prompt_format.template,
+        "system_prompt": prompt_format.system,
         "answer_reward": sorted({r["answer_reward"] for r in records}),
     }
     return EvalReport(label, settings, aggregate(records, opts.k), records, time.time() - t0)
@@ -603,11 +604,11 @@ def evaluate(
     adapters = _resolve_adapters(lora)
     examples = _load_examples(opts)
     source, dtype, model_seed = _base_key(model_source, [adapters])
-    prompt_config = _prompt_config(source, adapters, None)
+    prompt_format = _prompt_format(source, adapters, None)
     if loaded is None:
         loaded = _load(source, dtype, model_seed)
     model = loaded.model if adapters is None else _adapted_model(loaded, adapters)
-    report = _run(loaded, model, _label(adapters), adapters, prompt_config, examples, opts)
+    report = _run(loaded, model, _label(adapters), adapters, prompt_format, examples, opts)
     if out is not None:
         summary, jsonl = report.write(out)
         print(f"jaxpost eval: wrote {summary} and {jsonl}", flush=True)
@@ -669,8 +670,8 @@ def compare(
             models[key] = _load(*key)
         loaded = models[key]
         model = loaded.model if adapters is None else _adapted_model(loaded, adapters)
-        prompt_config = _prompt_config(key[0], adapters, sides[1 - i])
-        reports.append(_run(loaded, model, _label(adapters), adapters, prompt_config,
+        prompt_format = _prompt_format(key[0], adapters, sides[1 - i])
+        reports.append(_run(loaded, model, _label(adapters), adapters, prompt_format,
                             examples, opts))
     result = Comparison(*reports)
     if out is not None:

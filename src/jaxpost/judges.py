@@ -26,7 +26,6 @@ Judges:
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import functools
 import hashlib
 import json
@@ -234,8 +233,12 @@ class ModelJudge:
         import jax
         from flax import nnx
 
+        from jaxpost.prompts import PromptFormat
+
         self.loaded = loaded
         self.template = template
+        # The judge's own turn: the model's template, no system text.
+        self._format = PromptFormat(template)
         self.batch_size = int(batch_size)
         self.max_tokens = int(max_tokens)
         self.stats = JudgeStats()
@@ -275,8 +278,7 @@ class ModelJudge:
     def _prompt(self, body: str) -> str:
         from jaxpost.prompts import format_prompt
 
-        config = _PromptConfig(model=self.loaded.source, chat_template=self.template)
-        return format_prompt(body, config, template=self.template)
+        return format_prompt(body, self._format)
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:
         tok = self.loaded.tokenizer
@@ -339,17 +341,6 @@ class ModelJudge:
         ratings = 1.0 + p @ np.arange(10, dtype=np.float64)
         self.stats.add(calls=len(queries), seconds=time.perf_counter() - t0)
         return [float(r) for r in ratings]
-
-
-@dataclasses.dataclass(frozen=True)
-class _PromptConfig:
-    """The fields of a config that ``format_prompt`` reads, for the judge's own turn."""
-
-    model: str
-    chat_template: str
-    system_prompt: str = ""
-    reasoning_tag: str = "reasoning"
-    answer_tag: str = "answer"
 
 
 # ---------------------------------------------------------------------------
