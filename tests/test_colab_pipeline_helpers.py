@@ -223,3 +223,29 @@ def test_rewards_refuse_unknown_names(smoke):
     with pytest.raises(ValueError, match="unknown reward"):
         create_reward_functions(dataclasses.replace(smoke, reward_functions=("format_exakt",),
                                                     reward_weights=None))
+
+
+# ---------------------------------------------------------------------------
+# PromptFormat where a config used to be faked
+
+
+def test_chat_prompt_takes_a_prompt_format():
+    from jaxpost.prompts import format_prompt as format_with
+    from jaxpost.sampling import chat_prompt
+
+    fmt = PromptFormat("chatml", "Answer in <{answer_tag}> tags.", "think", "final")
+    prompt = chat_prompt(QUESTION, None, prompt_config=fmt)
+    assert prompt == format_with(QUESTION, fmt)
+    assert prompt.startswith("<|im_start|>system\nAnswer in <final> tags.<|im_end|>\n")
+    # An explicit template wins over the format's.
+    assert chat_prompt(QUESTION, None, "none", prompt_config=fmt) == (
+        f"Answer in <final> tags.\n\n{QUESTION}\n")
+
+
+def test_evaluating_a_base_model_formats_as_a_default_config_of_it():
+    from jaxpost.config import ColabTrainingConfig
+    from jaxpost.evaluate import _prompt_format
+
+    for source in ("embedded:gemma3-270m", "hf:Qwen/Qwen2.5-0.5B-Instruct"):
+        assert _prompt_format(source, None, None) == PromptFormat.from_config(
+            ColabTrainingConfig(model=source))
