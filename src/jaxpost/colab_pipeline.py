@@ -28,6 +28,7 @@ from jaxpost.export import export_checkpoint
 from jaxpost.hf_export import export_from_lora_dir, export_run, push_to_hub
 from jaxpost.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
 from jaxpost.plots import show_training_curves
+from jaxpost.rubrics import policy_rubric
 from jaxpost.session import ColabSession
 from jaxpost.sft import SFTState, train_sft
 from jaxpost.train import TrainerState, train_grpo
@@ -117,7 +118,7 @@ def format_prompt(question: str, config: ColabTrainingConfig, rubric: Any = None
     """
     criteria = None
     if rubric is not None and getattr(config, "rubric_in_prompt", False):
-        criteria = _prompts.policy_rubric(rubric)
+        criteria = policy_rubric(rubric)
     return _prompts.format_prompt(question, _prompts.PromptFormat.from_config(config), criteria)
 
 

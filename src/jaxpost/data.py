@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxpost.jsonl import read_jsonl
 from jaxpost.prompts import format_prompt, resolve_chat_template
+from jaxpost.rubrics import load_rubric_rows, policy_rubric
 
 logger = logging.getLogger("jaxpost.data")
 
@@ -319,8 +320,6 @@ def load_examples(
             skipped,
         )
     elif spec.kind in RUBRIC_KINDS:
-        from jaxpost.rubrics import load_rubric_rows
-
         examples = load_rubric_rows(spec.kind, spec.arg, skipped)
     else:
         raise ValueError(f"unknown dataset kind {spec.kind!r}; valid forms: {DATASET_FORMS}")
@@ -373,14 +372,6 @@ def _uniform_columns(items: list[dict]) -> list[dict]:
     return [{k: scalar(v) for k, v in item.items() if k in common} for item in items]
 
 
-def _prompt_rubric(example: dict) -> list[str]:
-    """The criteria shown to the policy; pitfalls read as things to avoid."""
-    from jaxpost.rubrics import parse_rubric
-
-    return [f"Avoid: {c.text}" if c.is_pitfall else c.text
-            for c in parse_rubric(example["rubric"])]
-
-
 def prepare_datasets(config: Any) -> tuple[grain.MapDataset, grain.MapDataset | None]:
     """Builds the batched train and eval datasets for a config.
 
@@ -422,9 +413,9 @@ def prepare_datasets(config: Any) -> tuple[grain.MapDataset, grain.MapDataset | 
                          "no 'rubric' column (set rubric_in_prompt=false or use a rubric dataset)")
     items = _uniform_columns(
         [
-            {**example, "prompts": format_prompt(example["question"], config,
-                                                 _prompt_rubric(example) if show_rubric else None,
-                                                 template=template)}
+            {**example, "prompts": format_prompt(
+                example["question"], config,
+                policy_rubric(example["rubric"]) if show_rubric else None, template=template)}
             for example in examples
         ]
     )

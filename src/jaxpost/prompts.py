@@ -223,22 +223,6 @@ def _user_text(question: str, rubric: Iterable[Any] | None) -> str:
     return f"{question}\n\nYour answer will be judged on:\n{lines}"
 
 
-def policy_rubric(rubric: Any) -> list[str]:
-    """A rubric as the policy's prompt lists it: each criterion's text, pitfalls
-    (negative weights) as "Avoid: ..." so that they do not read as goals.
-
-    Args:
-      rubric: any form :func:`jaxpost.rubrics.parse_rubric` accepts (the `rubric`
-        column of a rubric dataset: a list of criteria, or its JSON).
-
-    Raises:
-      jaxpost.rubrics.MalformedRubric: as :func:`jaxpost.rubrics.parse_rubric`.
-    """
-    from jaxpost.rubrics import parse_rubric  # rubrics -> data -> prompts: imported late
-
-    return [f"Avoid: {c.text}" if c.is_pitfall else c.text for c in parse_rubric(rubric)]
-
-
 def format_prompt(
     question: str,
     config: Any,
@@ -254,7 +238,7 @@ def format_prompt(
         :meth:`PromptFormat.from_config` reads), converted here.
       rubric: optional criteria (str, or objects with a `.text` str), listed
         after the question under "Your answer will be judged on:"
-        (:func:`policy_rubric` gives them for a dataset's rubric).
+        (:func:`jaxpost.rubrics.policy_rubric` gives them for a dataset's rubric).
       template: a resolved template name that overrides the format's; with a
         config, it skips `resolve_chat_template` (which may read config.json) when
         formatting many prompts.

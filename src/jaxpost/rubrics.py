@@ -254,6 +254,20 @@ def _hub_rows(repo: str, split: str) -> list[dict]:
     return [dict(r) for r in datasets.load_dataset(repo, split=split)]
 
 
+def policy_rubric(rubric: Any) -> list[str]:
+    """A rubric as the policy's prompt lists it: each criterion's text, pitfalls
+    (negative weights) as "Avoid: ..." so that they do not read as goals.
+
+    Args:
+      rubric: any form :func:`parse_rubric` accepts (the `rubric`
+        column of a rubric dataset: a list of criteria, or its JSON).
+
+    Raises:
+      MalformedRubric: as :func:`parse_rubric`.
+    """
+    return [f"Avoid: {c.text}" if c.is_pitfall else c.text for c in parse_rubric(rubric)]
+
+
 def load_rubric_rows(kind: str, arg: str | None, skipped: collections.Counter) -> list[dict]:
     """Examples ``{"question", "answer", "rubric"}`` of one rubric dataset.
 
