@@ -20,6 +20,7 @@ This package also answers every name the former ``jaxpost.export`` module had.
 """
 
 from jaxpost.export.adapters import (
+    apply_lora_arrays,
     checkpoint_lora_arrays,
     export_checkpoint,
     export_lora,
@@ -47,6 +48,7 @@ __all__ = [
     "EXPORT_METRICS",
     "FORMATS",
     "GGUF_TYPES",
+    "apply_lora_arrays",
     "check_export_target",
     "checkpoint_lora_arrays",
     "export_checkpoint",

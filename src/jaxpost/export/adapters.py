@@ -109,6 +109,17 @@ def load_lora_export(path: str | os.PathLike, loaded) -> nnx.Module:
       FileNotFoundError: when the directory lacks the adapter or config file.
     """
     config, arrays, _ = read_lora_export(path)
+    return apply_lora_arrays(loaded, config, arrays)
+
+
+def apply_lora_arrays(loaded, config: ColabTrainingConfig,
+                      arrays: dict[str, np.ndarray]) -> nnx.Module:
+    """``loaded.model`` with LoRA adapters of ``config``'s rank, alpha and target modules
+    holding ``arrays`` (as :func:`lora_arrays` names them); the base weights are shared.
+
+    Raises:
+      ValueError: from :func:`set_lora_arrays`, when the arrays do not fit the config.
+    """
     model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank, alpha=config.lora_alpha,
                        target_modules=config.lora_target_modules)
     set_lora_arrays(model, arrays)

@@ -31,7 +31,7 @@ from tunix.models.gemma3 import model as gemma3
 
 from jaxpost.export.cards import merged_readme, peft_readme
 from jaxpost.export.directory import README_FILE, export_directory, write_record
-from jaxpost.export.tokenizer import generation_config, tokenizer_files
+from jaxpost.export.tokenizer import generation_config, special_token_ids, tokenizer_files
 from jaxpost.export.weights import (
     check_gemma3,
     lora_rank_of,
@@ -111,7 +111,6 @@ def hf_config(loaded) -> dict:
     local = gemma3.AttentionType.LOCAL_SLIDING
     layer_types = ["sliding_attention" if pattern[i % len(pattern)] == local else "full_attention"
                    for i in range(cfg.num_layers)]
-    tok = loaded.tokenizer
     out = {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -133,9 +132,7 @@ def hf_config(loaded) -> dict:
         "attention_bias": False,
         "attn_logit_softcapping": None,
         "final_logit_softcapping": None,
-        "bos_token_id": int(tok.bos_id()),
-        "eos_token_id": [int(i) for i in loaded.eos_ids],
-        "pad_token_id": int(tok.pad_id()),
+        **special_token_ids(loaded),
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
         # The first transformers release with Gemma 3. Without a version, transformers 5
@@ -171,15 +168,9 @@ def write_peft_adapter(loaded, lora: Mapping[str, np.ndarray], out_dir: str | os
     tokenizer = tokenizer_files(loaded, config,
                                 max_length=hf_config(loaded)["max_position_embeddings"])
     out = Path(out_dir)
-    with export_directory(out) as tmp:
-        save_file(tensors, str(tmp / PEFT_ADAPTER_FILE), metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(adapter_cfg, indent=2))
-        for name, data in tokenizer.items():
-            (tmp / name).write_bytes(data)
-        write_record(tmp, config, metrics)
-        (tmp / README_FILE).write_text(
-            peft_readme(out, base, embedded_base=loaded.source in EMBEDDED_BASE_REPOS))
-    return out
+    readme = peft_readme(out, base, embedded_base=loaded.source in EMBEDDED_BASE_REPOS)
+    return _write_hf_directory(out, PEFT_ADAPTER_FILE, tensors, {PEFT_CONFIG_FILE: adapter_cfg},
+                               tokenizer, readme, config, metrics)
 
 
 def write_hf_model(loaded, out_dir: str | os.PathLike, *,
@@ -199,13 +190,23 @@ def write_hf_model(loaded, out_dir: str | os.PathLike, *,
     tokenizer = tokenizer_files(loaded, config, max_length=hf_cfg["max_position_embeddings"])
     tensors = merged_hf_tensors(loaded, lora, alpha=alpha)
     out = Path(out_dir)
+    json_files = {"config.json": hf_cfg, "generation_config.json": generation_config(hf_cfg)}
+    return _write_hf_directory(out, HF_MODEL_FILE, tensors, json_files, tokenizer,
+                               merged_readme(out), config, metrics)
+
+
+def _write_hf_directory(out: Path, weights_file: str, tensors: Mapping[str, np.ndarray],
+                        json_files: Mapping[str, dict], tokenizer: Mapping[str, bytes],
+                        readme: str, config, metrics) -> Path:
+    """Writes a Hugging Face format's export directory (atomically): the safetensors
+    file, the JSON files, the tokenizer files, the run's record and the README."""
     with export_directory(out) as tmp:
-        save_file(tensors, str(tmp / HF_MODEL_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        (tmp / "generation_config.json").write_text(
-            json.dumps(generation_config(hf_cfg), indent=2))
+        # transformers reads safetensors files marked as PyTorch's ("pt").
+        save_file(dict(tensors), str(tmp / weights_file), metadata={"format": "pt"})
+        for name, data in json_files.items():
+            (tmp / name).write_text(json.dumps(data, indent=2))
         for name, data in tokenizer.items():
             (tmp / name).write_bytes(data)
         write_record(tmp, config, metrics)
-        (tmp / README_FILE).write_text(merged_readme(out))
+        (tmp / README_FILE).write_text(readme)
     return out

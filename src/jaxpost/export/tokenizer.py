@@ -78,6 +78,22 @@ def _special_tokens(sp) -> dict[str, str]:
             "pad_token": sp.id_to_piece(sp.pad_id()), "unk_token": sp.id_to_piece(sp.unk_id())}
 
 
+def _tokenizer_config(sp) -> dict[str, Any]:
+    """``tokenizer_config.json``'s tokenizer: Gemma's, BOS added and EOS not (as jaxpost
+    encodes prompts), with its special tokens."""
+    return {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True,
+            "add_eos_token": False, **_special_tokens(sp)}
+
+
+def special_token_ids(loaded) -> dict[str, Any]:
+    """``bos_token_id``, ``eos_token_id`` (every id that ends a turn, ``loaded.eos_ids``)
+    and ``pad_token_id``, as ``config.json`` and ``generation_config.json`` hold them."""
+    tok = loaded.tokenizer
+    return {"bos_token_id": int(tok.bos_id()),
+            "eos_token_id": [int(i) for i in loaded.eos_ids],
+            "pad_token_id": int(tok.pad_id())}
+
+
 def _say(message: str) -> None:
     print(f"jaxpost: {message}", file=sys.stderr, flush=True)
 
@@ -105,9 +121,7 @@ def tokenizer_json(tokenizer_model: bytes) -> bytes | None:
         src, out = Path(d) / "src", Path(d) / "out"
         src.mkdir()
         (src / TOKENIZER_FILE).write_bytes(tokenizer_model)
-        (src / TOKENIZER_CONFIG).write_text(json.dumps(
-            {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True,
-             "add_eos_token": False, **_special_tokens(sp)}))
+        (src / TOKENIZER_CONFIG).write_text(json.dumps(_tokenizer_config(sp)))
         # A failed conversion costs only this optional file; say why and go on.
         try:
             AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
@@ -147,15 +161,13 @@ def tokenizer_files(loaded, config=None, *, max_length: int = 32768) -> dict[str
     """
     model = tokenizer_model_bytes(loaded)
     sp = loaded.tokenizer.tokenizer
-    special = _special_tokens(sp)
     template, system = prompt_format(loaded, config)
-    tok_cfg = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True,
-               "add_eos_token": False, **special, "model_max_length": max_length,
+    tok_cfg = {**_tokenizer_config(sp), "model_max_length": max_length,
                "clean_up_tokenization_spaces": False,
                "chat_template": jinja_chat_template(template, system)}
     files = {TOKENIZER_FILE: model,
              TOKENIZER_CONFIG: json.dumps(tok_cfg, indent=2).encode(),
-             "special_tokens_map.json": json.dumps(special, indent=2).encode()}
+             "special_tokens_map.json": json.dumps(_special_tokens(sp), indent=2).encode()}
     fast = tokenizer_json(model)
     if fast is not None:
         files[TOKENIZER_JSON] = fast
@@ -163,6 +175,6 @@ def tokenizer_files(loaded, config=None, *, max_length: int = 32768) -> dict[str
 
 
 def generation_config(hf_cfg: dict[str, Any]) -> dict[str, Any]:
-    """``generation_config.json``: BOS, pad and the end-of-turn ids of ``config.json``."""
-    return {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"],
-            "pad_token_id": hf_cfg["pad_token_id"]}
+    """``generation_config.json``: BOS, pad and the end-of-turn ids of ``config.json``
+    (:func:`special_token_ids`)."""
+    return {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
