@@ -5,7 +5,7 @@ Every export format (:mod:`jaxpost.export`) is a directory that holds the run's
 written into a temporary directory that replaces the target only once it is complete
 (:func:`export_directory`), and only where the target is absent, empty or a previous
 export (:func:`check_export_target`), so a directory jaxpost did not write is never
-replaced. :func:`atomic_file` does the same for a single file.
+replaced. :func:`jaxpost.atomic.atomic_file` does the same for a single file.
 
 A LoRA export (jaxpost's own format) also holds ``adapter.safetensors``; other formats
 are built from it (:func:`read_lora_export`).
@@ -17,12 +17,12 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from safetensors.numpy import load_file
 
+from jaxpost.atomic import make_shareable
 from jaxpost.cache import replacing_dir
 from jaxpost.config import load_yaml, save_yaml
 
@@ -55,41 +55,6 @@ def check_export_target(out: str | os.PathLike) -> None:
         raise ValueError(f"{out} is not empty and is not a jaxpost export (it lacks "
                          f"{EXPORT_METRICS} and {README_FILE}): jaxpost replaces only its own "
                          "exports; choose another --out, or empty it yourself")
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def make_shareable(path: Path) -> None:
-    """Gives ``path`` (and, for a directory, everything in it) the permissions of any file
-    the user creates: temporary files and directories are private (0600 and 0700)."""
-    umask = _umask()
-    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; once the body has written it, it replaces
-    ``path`` with the user's usual file permissions.
-
-    The rename is the last step, so a reader never sees a half-written file. On error the
-    temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        make_shareable(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -23,8 +23,9 @@ import gguf
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from jaxpost.atomic import atomic_file
 from jaxpost.export.cards import gguf_readme
-from jaxpost.export.directory import README_FILE, atomic_file, export_directory, write_record
+from jaxpost.export.directory import README_FILE, export_directory, write_record
 from jaxpost.export.huggingface import hf_config
 from jaxpost.export.tokenizer import (
     END_OF_TURN,
