@@ -28,7 +28,7 @@ def _run_config(run_dir: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from jaxpost.hf_export import export_run, hub_write_token, push_to_hub
+    from jaxpost.export import export_run, hub_write_token, push_to_hub
 
     if args.push_to_hub:
         hub_write_token(args.push_to_hub)  # a bad repo id or no token fails before exporting

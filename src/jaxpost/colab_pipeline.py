@@ -24,8 +24,7 @@ from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
 from jaxpost.credentials import Credentials, resolve_credentials
 from jaxpost.dpo import train_dpo
 from jaxpost.evaluate import Comparison, EvalReport, compare, evaluate
-from jaxpost.export import export_checkpoint
-from jaxpost.hf_export import export_from_lora_dir, export_run, push_to_hub
+from jaxpost.export import export_checkpoint, export_from_lora_dir, export_run, push_to_hub
 from jaxpost.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
 from jaxpost.plots import show_training_curves
 from jaxpost.rubrics import policy_rubric
