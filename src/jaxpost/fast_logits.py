@@ -51,6 +51,8 @@ from flax import nnx
 from tunix.generate import sampler as sampler_lib
 from tunix.models.gemma3 import model as gemma3
 
+from jaxpost.tunix_ext.versions import check_versions
+
 
 class Gemma3TrimmedLogits(gemma3.Gemma3):
     """Tunix ``Gemma3`` computing logits only at the positions that are used."""
@@ -494,7 +496,13 @@ def speed_up_sampler(sampler) -> None:
     """Installs jaxpost's faster decoding loop (:func:`lay_out_decode_weights`) and
     prefill (:func:`share_prompt_prefill`) on a Tunix ``Sampler``, and makes it merge its
     model once per set of weights (:func:`merge_transformer_once`); each leaves the
-    sampler as it is where it does not apply."""
+    sampler as it is where it does not apply.
+
+    Raises:
+      RuntimeError: the installed Tunix is not the version these hooks were written for
+        (:func:`jaxpost.tunix_ext.versions.check_versions`).
+    """
+    check_versions()
     lay_out_decode_weights(sampler)
     share_prompt_prefill(sampler)
     merge_transformer_once(sampler)
@@ -941,7 +949,12 @@ def enable(model: nnx.Module) -> bool:
     Returns:
       Whether the model is now a :class:`Gemma3TrimmedLogits` (other families are left
       as they are).
+
+    Raises:
+      RuntimeError: the installed Tunix or qwix is not the version jaxpost's patches
+        were written for (:func:`jaxpost.tunix_ext.versions.check_versions`).
     """
+    check_versions()  # the subclasses override and call Tunix 0.1.7's private methods
     if type(model) is gemma3.Gemma3:
         model.__class__ = Gemma3TrimmedLogits
         for layer in model.layers:

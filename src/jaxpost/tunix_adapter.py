@@ -29,6 +29,7 @@ from tunix.sft import metrics_logger, peft_trainer
 from tunix.sft.dpo import dpo_trainer
 
 from jaxpost import fast_logits
+from jaxpost.tunix_ext.versions import check_versions
 
 Role = rl_cluster_lib.Role
 
@@ -197,7 +198,12 @@ def build_cluster(
       metric_backends: factories of logging backends (``log_scalar``/``close``).
       critic, critic_optimizer: PPO's value model (:class:`jaxpost.critic.ValueModel`)
         and its optimizer; Tunix checkpoints it beside the actor, under ``critic/``.
+
+    Raises:
+      RuntimeError: the installed Tunix or qwix is not the version the cluster's patches
+        were written for (:func:`jaxpost.tunix_ext.versions.check_versions`).
     """
+    check_versions()
     cache_size = config.max_prompt_length + config.max_new_tokens
     training = rl_cluster_lib.RLTrainingConfig(
         actor_optimizer=optimizer,
@@ -511,8 +517,14 @@ def keep_frozen_weights_in_place(trainer) -> None:
     The base weights stay the buffers the reference model and the rollout already
     share, instead of being rewritten each step (see :class:`_LoraTrainStep`). Models
     without LoRA keep Tunix's own step.
+
+    Raises:
+      RuntimeError: the installed Tunix is not the version this step was written for
+        (:func:`jaxpost.tunix_ext.versions.check_versions`).
     """
     import types
+
+    check_versions()
 
     if not getattr(trainer, "_lora_enabled", False):
         return
