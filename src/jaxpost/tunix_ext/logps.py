@@ -257,3 +257,21 @@ def _packed_hidden(model, ids, mask, positions, completion_len: int, group: int,
     last_prompt = jnp.repeat(hidden[:, prompt - 1:prompt], group, axis=0)
     completions = hidden[:, prompt:].reshape(batch, completion_len, -1)
     return jnp.concatenate([last_prompt, completions[:, :-1]], axis=1)
+
+
+def chunked_logps_fn(graphdef):
+    """A ``(state, prompt, completion, pad_id, temperature) -> logps`` for the model
+    ``graphdef``, jitted, computing each distinct prompt once (see
+    :func:`prompt_group_size`)."""
+    @functools.partial(jax.jit, static_argnames=("pad_id", "temperature", "prompt_group"))
+    def jitted(state, prompt_tokens, completion_tokens, pad_id, temperature, prompt_group):
+        model = nnx.merge(graphdef, state)
+        logps, _ = completion_logps(model, prompt_tokens, completion_tokens, pad_id,
+                                    temperature=temperature, prompt_group=prompt_group)
+        return jax.lax.stop_gradient(logps)
+
+    def logps_fn(state, prompt_tokens, completion_tokens, pad_id, temperature):
+        return jitted(state, prompt_tokens, completion_tokens, pad_id=pad_id,
+                      temperature=temperature, prompt_group=prompt_group_size(prompt_tokens))
+
+    return logps_fn
