@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent(r"""
     from tunix.rl import common as rl_common
     from tunix.utils import sharding_utils
 
-    from jaxpost import fast_logits, hub, tunix_adapter
+    from jaxpost import fast_logits, hub
+    from jaxpost.tunix_ext import losses
     from jaxpost.colab_pipeline import prepare_colab_session, train_grpo
     from jaxpost.config import get_preset
     from jaxpost.models import embedded_model_dir
@@ -80,14 +81,14 @@ SCRIPT = textwrap.dedent(r"""
 
     # Which loss runs: jaxpost's chunked log-probs, or Tunix's full-logits GRPO loss.
     calls = {"chunked": 0, "tunix": 0}
-    chunked, tunix_loss = fast_logits.completion_logps, tunix_adapter.algo_core.grpo_loss_fn
+    chunked, tunix_loss = losses.completion_logps, losses.algo_core.grpo_loss_fn
     def counting(name, fn):
         def wrapped(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
         return wrapped
-    fast_logits.completion_logps = counting("chunked", chunked)
-    tunix_adapter.algo_core.grpo_loss_fn = counting("tunix", tunix_loss)
+    losses.completion_logps = counting("chunked", chunked)
+    losses.algo_core.grpo_loss_fn = counting("tunix", tunix_loss)
 
     smoke = get_preset("smoke")
     base = get_preset(preset)

@@ -14,9 +14,10 @@ from tunix.rl.grpo.grpo_learner import GRPOConfig
 
 from jaxpost import fast_logits
 from jaxpost.config import RL_ALGORITHMS, ColabTrainingConfig
-from jaxpost.fast_logits import _packing_group, completion_logps, prompt_group_size
+from jaxpost.fast_logits import completion_logps, prompt_group_size
 from jaxpost.lora import apply_lora
 from jaxpost.models import load_model
+from jaxpost.tunix_ext.logps import _packing_group
 from jaxpost.tunix_adapter import (grpo_loss_chunked, ppo_algorithm_config, ppo_loss_chunked,
                                    rl_algorithm_config)
 
@@ -404,7 +405,7 @@ def test_layer_inputs_are_kept_only_for_the_policys_frozen_weights(policy):
 
 def test_chunked_logps_gradient_in_bfloat16():
     """bfloat16 hidden states get a bfloat16 cotangent, close to the float32 one."""
-    from jaxpost.fast_logits import _chunk_logps
+    from jaxpost.tunix_ext.logps import _chunk_logps
 
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     embedding = jax.random.normal(k1, (64, 16), jnp.float32)

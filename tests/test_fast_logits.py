@@ -114,7 +114,7 @@ def test_decoding_loop_lays_out_the_shared_weights_in_place_and_restores_them(mo
     the same tokens and logits."""
     from flax import nnx
 
-    import jaxpost.fast_logits as fast_logits
+    import jaxpost.tunix_ext.decoding as fast_logits
 
     tunix, ours = _tunix_and_jaxpost_samplers()
     weights = jax.tree.leaves(nnx.state(tunix.transformer))
@@ -136,7 +136,7 @@ def test_decoding_loop_lays_out_the_shared_weights_in_place_and_restores_them(mo
 
 
 def test_weights_in_decode_layout_holds_the_layout_and_restores_on_error():
-    from jaxpost.fast_logits import _weights_in_decode_layout
+    from jaxpost.tunix_ext.decoding import _weights_in_decode_layout
 
     a = jnp.arange(24.0).reshape(2, 3, 4)
     b = jnp.arange(6.0).reshape(2, 3)
@@ -158,7 +158,7 @@ def test_weights_in_decode_layout_holds_the_layout_and_restores_on_error():
 
 def test_weights_in_decode_layout_finishes_its_write_back_when_interrupted(monkeypatch):
     """A Ctrl-C during the write-back waits until every weight is back, then is raised."""
-    import jaxpost.fast_logits as fast_logits
+    import jaxpost.tunix_ext.decoding as fast_logits
 
     weights = [jnp.full((64, 32), float(i)) + jnp.arange(32.0) for i in range(4)]
     want = [np.array(w) for w in weights]
@@ -254,7 +254,7 @@ def _run_in_decoding_loop(module, args, in_loop):
     outputs and its jaxpr."""
     from flax import nnx
 
-    from jaxpost.fast_logits import _DECODING_LOOP
+    from jaxpost.tunix_ext.decoding_layers import _DECODING_LOOP
 
     graphdef, params = nnx.split(module)
 
@@ -321,7 +321,7 @@ def test_kernel_first_attention_projections_equal_tunix_with_lora(batch):
     logits and cache when the query and output projections put their weights first."""
     from flax import nnx
 
-    from jaxpost.fast_logits import _values_transposed
+    from jaxpost.tunix_ext.decoding_layers import _values_transposed
     from jaxpost.lora import apply_lora
 
     loaded = load_model("random:gemma3-tiny", seed=0)
@@ -371,7 +371,8 @@ def test_decoding_attention_step_equals_tunix(heads, kv_heads, kind):
     that wraps around."""
     from flax import nnx
 
-    from jaxpost.fast_logits import DecodingAttention, _values_transposed
+    from jaxpost.fast_logits import DecodingAttention
+    from jaxpost.tunix_ext.decoding_layers import _values_transposed
 
     batch, cache_size, head_dim, embed, end = 3, 16, 8, 24, 21
     attn = gemma3.Attention(

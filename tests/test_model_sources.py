@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxpost import fast_logits, hub, model_families
+from jaxpost import fast_logits, hub, model_families, models
 from jaxpost.mesh import make_mesh
 from jaxpost.models import load_model
 
@@ -730,7 +730,7 @@ def test_kaggle_unreachable_is_explained(kaggle_test_env):
         pytest.skip("port 7777 (kagglehub's TEST endpoint) is in use")
     server.server_close()  # nothing listens now: connections are refused
     with pytest.raises(ConnectionError, match="cannot reach Kaggle.*/VERSION.*embedded:gemma3-270m"):
-        hub.load_kaggle("google/gemma-3/flax/gemma3-1b-it", "kaggle:x", None, None)
+        models.load_kaggle("google/gemma-3/flax/gemma3-1b-it", "kaggle:x", None, None)
 
 
 def test_kaggle_refusal_and_missing_model_are_translated(kaggle_test_env):
@@ -742,9 +742,9 @@ def test_kaggle_refusal_and_missing_model_are_translated(kaggle_test_env):
     try:
         with pytest.raises(PermissionError, match="HTTP 403.*KAGGLE_USERNAME and KAGGLE_KEY.*"
                                                   "kaggle.com/models/google/private-model"):
-            hub.load_kaggle("google/private-model/flax/gemma3-1b-it", "kaggle:x", None, None)
+            models.load_kaggle("google/private-model/flax/gemma3-1b-it", "kaggle:x", None, None)
         with pytest.raises(ValueError, match="'google/nothing/flax/gemma3-1b-it' was not found"):
-            hub.load_kaggle("google/nothing/flax/gemma3-1b-it", "kaggle:x", None, None)
+            models.load_kaggle("google/nothing/flax/gemma3-1b-it", "kaggle:x", None, None)
     finally:
         server.shutdown()
         server.server_close()

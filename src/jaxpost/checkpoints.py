@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from jaxpost.rundir import UNREADABLE_DIR
+from jaxpost.rundir import DPO_STAGE, GRPO_STAGE, SFT_STAGE, UNREADABLE_DIR
 
 # What Tunix's trainers save at every step (jaxpost's trainers always pass the optimizer).
 ITEMS = ("model_params", "optimizer_state")
@@ -45,6 +45,18 @@ def latest_step(checkpoint_dir: str | os.PathLike) -> int | None:
     readable or not."""
     steps = finished_steps(checkpoint_dir)
     return steps[-1] if steps else None
+
+
+def final_stage_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    """The stage directory under a checkpoint root that holds the latest LoRA weights:
+    GRPO's or DPO's once one has a finished step (a run holds one of the two), else the
+    SFT warm-up's when it has one, else GRPO's (which then holds none, for the caller's
+    error message). Absolute."""
+    root = Path(checkpoint_dir).expanduser().absolute()
+    for stage in (GRPO_STAGE, DPO_STAGE, SFT_STAGE):
+        if latest_step(root / stage) is not None:
+            return root / stage
+    return root / GRPO_STAGE
 
 
 def _short(error: BaseException) -> str:

@@ -22,13 +22,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_config(run_dir: str):
-    from jaxpost.rundir import RunDir
+    from jaxpost.config import load_run_config
 
-    return RunDir(run_dir).read_config()
+    return load_run_config(run_dir)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from jaxpost.hf_export import export_run, hub_write_token, push_to_hub
+    from jaxpost.export import export_run, hub_write_token, push_to_hub
 
     if args.push_to_hub:
         hub_write_token(args.push_to_hub)  # a bad repo id or no token fails before exporting

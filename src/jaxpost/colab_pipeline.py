@@ -4,7 +4,9 @@
 
 This module is a thin facade over ``config``, ``platform``, ``credentials``, ``session``,
 ``sft``, ``train``, ``export``, ``evaluate`` and ``plots``; the notebook
-(``demo/train_colab.ipynb``) and ``jaxpost train`` call only these.
+(``demo/train_colab.ipynb``) and ``jaxpost train`` call only these. ``format_prompt``,
+``prepare_datasets`` and ``create_reward_functions`` show, without loading a model, the
+prompts, data and rewards a config trains with (the functions training itself calls).
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ import dataclasses
 import time
 from pathlib import Path
 
+from typing import Any, Callable
+
+from jaxpost import data as _data
+from jaxpost import prompts as _prompts
+from jaxpost import rewards as _rewards
 from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
 from jaxpost.credentials import Credentials, resolve_credentials
 from jaxpost.dpo import train_dpo
 from jaxpost.evaluate import Comparison, EvalReport, compare, evaluate
-from jaxpost.export import export_checkpoint
-from jaxpost.hf_export import export_from_lora_dir, export_run, push_to_hub
+from jaxpost.export import export_checkpoint, export_from_lora_dir, export_run, push_to_hub
 from jaxpost.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
 from jaxpost.plots import show_training_curves
+from jaxpost.rubrics import policy_rubric
 from jaxpost.session import ColabSession
 from jaxpost.sft import SFTState, train_sft
 from jaxpost.train import TrainerState, train_grpo
@@ -37,6 +44,9 @@ __all__ = [
     "detect_platform",
     "get_preset",
     "make_config",
+    "format_prompt",
+    "prepare_datasets",
+    "create_reward_functions",
     "resolve_credentials",
     "prepare_colab_session",
     "SFTState",
@@ -80,6 +90,87 @@ def make_config(preset: str = "auto", platform: PlatformInfo | None = None,
     return dataclasses.replace(config, output_dir=resolve_output_dir(config, platform=platform))
 
 
+def format_prompt(question: str, config: ColabTrainingConfig, rubric: Any = None) -> str:
+    """The prompt text training sends the policy for ``question`` under ``config``.
+
+    The same text as the ``prompts`` column of :func:`prepare_datasets`: the config's
+    system prompt (tags filled in) and question in its model's chat template
+    (``chat_template``, "auto" inferred from ``model``), ending where the model's turn
+    begins, without BOS (the tokenizer adds it).
+
+    Args:
+      question: the task text; surrounding whitespace is stripped.
+      config: the run's configuration; reads ``model``, ``chat_template``,
+        ``system_prompt``, ``reasoning_tag``, ``answer_tag`` and ``rubric_in_prompt``.
+      rubric: the question's rubric, in any form of a rubric dataset's ``rubric``
+        column (a list of criteria, or its JSON; ``jaxpost.rubrics.parse_rubric``).
+        With ``rubric_in_prompt`` set its criteria are listed after the question
+        (pitfalls as "Avoid: ..."), as training lists them; without it training shows
+        the policy no rubric (only the judge reads it), and neither does this.
+
+    Returns:
+      The prompt text.
+
+    Raises:
+      ValueError: an empty question, or a chat template that cannot be inferred.
+      jaxpost.rubrics.MalformedRubric: a rubric that does not parse (when it is shown).
+    """
+    criteria = None
+    if rubric is not None and getattr(config, "rubric_in_prompt", False):
+        criteria = policy_rubric(rubric)
+    return _prompts.format_prompt(question, _prompts.PromptFormat.from_config(config), criteria)
+
+
+def prepare_datasets(config: ColabTrainingConfig) -> tuple[Any, Any]:
+    """The training and held-out datasets a run of ``config`` uses (no model needed).
+
+    The datasets ``prepare_colab_session`` puts in the session
+    (``jaxpost.data.prepare_datasets``): ``config.dataset`` read with ``config.seed``
+    (``max_examples`` of them), the first ``eval_size`` examples held out, every example
+    given its formatted prompt (:func:`format_prompt`).
+
+    Returns:
+      ``(train, eval)``: Grain datasets whose items are batches, dicts of 1-D numpy
+      arrays of length ``batch_size`` (``prompts``, ``question``, ``answer`` and the
+      task's other columns). Train holds the batches the run consumes, reshuffled each
+      epoch; eval holds the held-out examples (a smaller last batch), or is None when
+      ``eval_size`` is 0.
+
+    Raises:
+      ValueError: a bad dataset spec, ``eval_size`` not below the number of examples,
+        fewer train examples than one batch, or ``rubric_in_prompt`` on a dataset
+        without rubrics.
+      FileNotFoundError: a dataset file that does not exist.
+    """
+    return _data.prepare_datasets(config)
+
+
+def create_reward_functions(config: ColabTrainingConfig, *,
+                            judge: Any = None) -> list[Callable[..., list[float]]]:
+    """The reward functions a run of ``config`` trains with, from the reward registry.
+
+    Those of ``prepare_colab_session`` (``jaxpost.rewards.create_reward_functions``):
+    one per name in ``config.reward_functions``, in that order, each with Tunix's
+    signature ``f(prompts, completions, **columns) -> list[float]`` (the dataset's
+    columns, such as ``answer``, as keyword arguments), bound to the config's
+    ``reasoning_tag`` / ``answer_tag``, scaled by its ``reward_weights`` entry, and
+    named after its registry name (Tunix logs it as ``rewards/<name>``).
+
+    Args:
+      config: the run's configuration.
+      judge: the judge of a reward that needs one (``rubric``):
+        ``jaxpost.judges.build_judge(config, session.loaded)``, as the session builds it.
+
+    Returns:
+      One callable per reward name.
+
+    Raises:
+      ValueError: no, repeated or unknown reward names, a ``reward_weights`` count that
+        differs from the names', or a reward that needs a judge without one.
+    """
+    return _rewards.create_reward_functions(config, judge=judge)
+
+
 def prepare_colab_session(config: ColabTrainingConfig, *,
                           credentials: Credentials | None = None) -> ColabSession:
     """Loads the model, tokenizer, LoRA model and data for ``config``.
@@ -107,13 +198,12 @@ def quick_test(config: ColabTrainingConfig, session: ColabSession,
     Returns:
       The completion text.
     """
-    from jaxpost.prompts import format_prompt
     from jaxpost.sampling import generate
 
     if test_question is None:
         test_question = _first_eval_question(session) or DEFAULT_TEST_QUESTION
     model = trainer_state.lora_model if trainer_state is not None else session.lora_model
-    prompt = format_prompt(test_question, config, template=session.template)
+    prompt = format_prompt(test_question, config)
     [answer] = generate(session.loaded, prompt, model=model,
                         max_new_tokens=max_new_tokens or config.max_new_tokens)
     print(f"jaxpost quick test\n  question: {test_question}\n  answer:   {answer.strip()}",

@@ -31,7 +31,9 @@ from typing import Any, Iterable
 import grain
 import numpy as np
 
+from jaxpost.jsonl import read_jsonl
 from jaxpost.prompts import format_prompt, resolve_chat_template
+from jaxpost.rubrics import load_rubric_rows, policy_rubric
 
 logger = logging.getLogger("jaxpost.data")
 
@@ -163,31 +165,6 @@ def parse_dataset_spec(spec: str) -> DatasetSpec:
             raise _invalid_spec(spec, "rubric-demo takes no argument")
         return DatasetSpec(kind, arg or None, max_examples, {})
     raise _invalid_spec(spec, f"unknown dataset kind {kind!r}")
-
-
-def read_jsonl(path: Path, expected: str, skipped: collections.Counter) -> list[dict]:
-    """Rows of a JSONL file; blank lines are ignored, bad lines counted in `skipped`.
-
-    Raises:
-      FileNotFoundError: naming the file and ``expected`` (what it should hold).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} not found; expected {expected}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                skipped["invalid JSON"] += 1
-                continue
-            if not isinstance(row, dict):
-                skipped["not a JSON object"] += 1
-                continue
-            rows.append(row)
-    return rows
 
 
 def _question_answer(
@@ -343,8 +320,6 @@ def load_examples(
             skipped,
         )
     elif spec.kind in RUBRIC_KINDS:
-        from jaxpost.rubrics import load_rubric_rows
-
         examples = load_rubric_rows(spec.kind, spec.arg, skipped)
     else:
         raise ValueError(f"unknown dataset kind {spec.kind!r}; valid forms: {DATASET_FORMS}")
@@ -397,14 +372,6 @@ def _uniform_columns(items: list[dict]) -> list[dict]:
     return [{k: scalar(v) for k, v in item.items() if k in common} for item in items]
 
 
-def _prompt_rubric(example: dict) -> list[str]:
-    """The criteria shown to the policy; pitfalls read as things to avoid."""
-    from jaxpost.rubrics import parse_rubric
-
-    return [f"Avoid: {c.text}" if c.is_pitfall else c.text
-            for c in parse_rubric(example["rubric"])]
-
-
 def prepare_datasets(config: Any) -> tuple[grain.MapDataset, grain.MapDataset | None]:
     """Builds the batched train and eval datasets for a config.
 
@@ -446,9 +413,9 @@ def prepare_datasets(config: Any) -> tuple[grain.MapDataset, grain.MapDataset | 
                          "no 'rubric' column (set rubric_in_prompt=false or use a rubric dataset)")
     items = _uniform_columns(
         [
-            {**example, "prompts": format_prompt(example["question"], config,
-                                                 _prompt_rubric(example) if show_rubric else None,
-                                                 template=template)}
+            {**example, "prompts": format_prompt(
+                example["question"], config,
+                policy_rubric(example["rubric"]) if show_rubric else None, template=template)}
             for example in examples
         ]
     )

@@ -32,6 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jaxpost.answers import extract_answer
+from jaxpost.jsonl import read_jsonl
+from jaxpost.prompts import strip_end_marker
+
 logger = logging.getLogger("jaxpost.demonstrations")
 
 __all__ = [
@@ -409,8 +413,6 @@ def _from_sft_jsonl(spec: str, seed: int, max_examples: int | None,
                     skipped: collections.Counter,
                     answer_tag: str) -> list[tuple[str, str, str | None]]:
     """(question, completion, answer) of each row of an sft-jsonl file."""
-    from jaxpost.data import read_jsonl
-    from jaxpost.rewards import extract_answer, strip_end_marker
 
     path, options, limit = _parse_sft_jsonl(spec)
     q_col = options.get("question", "question")

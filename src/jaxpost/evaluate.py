@@ -12,18 +12,9 @@ Prompts are formatted as in training: with the ``config.yaml`` of the run or exp
 given as ``lora`` (template, system prompt, tags). The base model of a comparison uses
 the prompt settings of the other side, so both answer the same prompts.
 
-Metrics (means over examples; each example has ``num_samples`` completions):
-
-* ``accuracy`` -- fraction of completions whose answer is exactly right: the
-  ``reasoning_gym`` verifier for reasoning-gym datasets (score 1.0), ``answer_match``
-  (score 1.0, i.e. equal after normalisation) otherwise;
-* ``format_rate`` -- fraction with ``format_exact`` 1.0;
-* ``partial_credit`` -- mean ``answer_match`` score (1, 0.5 within 10%, 0.25 within 20%);
-* ``pass@k`` -- the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language
-  Models Trained on Code"), ``1 - C(n - c, k) / C(n, k)`` for n samples, c correct;
-* ``mean_completion_tokens`` -- completion length, the text re-tokenised;
-* ``truncated_rate`` -- fraction whose re-tokenised length reaches ``max_new_tokens``
-  (cut off before finishing; re-tokenising can count a token fewer, so a lower bound).
+Metrics (``jaxpost.eval_metrics``, means over examples): ``accuracy``, ``format_rate``,
+``partial_credit``, ``pass@k``, ``mean_completion_tokens`` and ``truncated_rate``; the
+reports and their files are ``jaxpost.eval_report``'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -33,10 +24,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from jaxpost.eval_metrics import aggregate, pass_at_k, score_completions
+from jaxpost.eval_report import Comparison, EvalReport, comparison_table, examples_path
 
 __all__ = [
     "BASE",
@@ -60,283 +53,6 @@ DEFAULT_SAMPLE_TEMPERATURE = 0.8
 # The word that stands for "the base model, no adapters" where a LoRA path is expected.
 BASE = "base"
 
-_METRIC_ORDER = ("accuracy", "format_rate", "partial_credit", "pass@{k}",
-                 "mean_completion_tokens", "truncated_rate")
-
-
-# ---------------------------------------------------------------------------
-# Scoring (pure)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k for one problem: ``1 - C(n - c, k) / C(n, k)`` (Chen et al. 2021).
-
-    The probability that at least one of ``k`` completions drawn without replacement
-    from ``n`` generated ones, ``c`` of them correct, is correct.
-
-    Raises:
-      ValueError: unless ``0 <= c <= n`` and ``1 <= k <= n``.
-
-    >>> pass_at_k(5, 0, 1), pass_at_k(5, 5, 3), pass_at_k(4, 1, 2)
-    (0.0, 1.0, 0.5)
-    """
-    if not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
-    if not 0 <= c <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n correct samples, got c={c}, n={n}")
-    if n - c < k:
-        return 1.0
-    # The product form of the ratio of binomials stays exact in floats for large n.
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def _answer_reward_name(example: dict) -> str:
-    return "reasoning_gym" if "task" in example and "entry" in example else "answer_match"
-
-
-def _count_tokens(tokenizer, text: str) -> int:
-    ids = list(tokenizer.encode(text))
-    if ids and ids[0] == tokenizer.bos_id():
-        ids = ids[1:]
-    return len(ids)
-
-
-def score_completions(example: dict, completions: Sequence[str], *, reasoning_tag: str = "reasoning",
-                      answer_tag: str = "answer", max_new_tokens: int | None = None,
-                      k: int = 1, tokenizer=None, prompt: str | None = None) -> dict[str, Any]:
-    """Scores one example's completions and returns its per-example record.
-
-    Args:
-      example: a dataset example (``question``, ``answer`` and, for reasoning-gym,
-        ``task`` and ``entry``), as from ``jaxpost.data.load_examples``.
-      completions: the example's n >= k completions.
-      reasoning_tag, answer_tag: the tags the prompt asked for.
-      max_new_tokens: the generation budget, for ``truncated``; None leaves it out.
-      k: the k of pass@k.
-      tokenizer: a tokenizer adapter (``encode``, ``bos_id``) for token counts; None
-        leaves them out.
-      prompt: the full formatted prompt the completions answer; ``format`` then counts a
-        completion that copies the instruction as badly formatted
-        (``jaxpost.rewards.echoes_prompt``). None skips that check.
-
-    Returns:
-      A JSON-serialisable dict: ``question``, ``reference``, ``answer_reward`` (the
-      reward that decides correctness), and per completion (lists in order)
-      ``completions``, ``extracted`` (text in the answer tag, or None), ``answer_score``,
-      ``correct`` (answer score 1.0), ``format`` (``format_exact``),
-      ``partial_credit`` (``answer_match``), ``tokens`` and ``truncated`` (when a
-      tokenizer is given); and ``pass@k``.
-    """
-    from jaxpost import rewards
-
-    completions = list(completions)
-    n = len(completions)
-    columns = {key: [example[key]] * n for key in ("answer", "task", "entry") if key in example}
-    tags = {"reasoning_tag": reasoning_tag, "answer_tag": answer_tag}
-    reward_name = _answer_reward_name(example)
-    prompts = [example["question"]] * n
-    partial = rewards.answer_match(prompts, completions, answer_tag=answer_tag, **columns)
-    if reward_name == "reasoning_gym":
-        answer_scores = rewards.reasoning_gym(prompts, completions, answer_tag=answer_tag,
-                                              **columns)
-    else:
-        answer_scores = partial
-    correct = [score >= 1.0 for score in answer_scores]
-    record: dict[str, Any] = {
-        "question": example["question"],
-        "reference": example["answer"],
-        "answer_reward": reward_name,
-        "completions": completions,
-        "extracted": [rewards.extract_answer(c, answer_tag) for c in completions],
-        "answer_score": [float(s) for s in answer_scores],
-        "correct": correct,
-        "format": rewards.format_exact([prompt] * n if prompt is not None else None,
-                                       completions, question=[example["question"]] * n, **tags),
-        "partial_credit": [float(s) for s in partial],
-        f"pass@{k}": pass_at_k(n, sum(correct), k),
-    }
-    if tokenizer is not None:
-        tokens = [_count_tokens(tokenizer, c) for c in completions]
-        record["tokens"] = tokens
-        if max_new_tokens is not None:
-            record["truncated"] = [t >= max_new_tokens for t in tokens]
-    return record
-
-
-def aggregate(records: Sequence[dict], k: int = 1) -> dict[str, float]:
-    """The report's metrics from per-example records of :func:`score_completions`.
-
-    Each example counts once: a per-completion value is first averaged over the
-    example's completions, then over examples. Token metrics appear only when the
-    records have ``tokens`` / ``truncated``.
-
-    Raises:
-      ValueError: no records.
-    """
-    if not records:
-        raise ValueError("no examples to aggregate")
-
-    def mean_of(key: str) -> float:
-        return sum(sum(map(float, r[key])) / len(r[key]) for r in records) / len(records)
-
-    metrics = {
-        "accuracy": mean_of("correct"),
-        "format_rate": mean_of("format"),
-        "partial_credit": mean_of("partial_credit"),
-        f"pass@{k}": sum(r[f"pass@{k}"] for r in records) / len(records),
-    }
-    if all("tokens" in r for r in records):
-        metrics["mean_completion_tokens"] = mean_of("tokens")
-    if all("truncated" in r for r in records):
-        metrics["truncated_rate"] = mean_of("truncated")
-    return metrics
-
-
-# ---------------------------------------------------------------------------
-# Reports
-
-
-@dataclasses.dataclass
-class EvalReport:
-    """One model's evaluation.
-
-    Attributes:
-      label: what was evaluated (``"base"``, or the LoRA export / run directory).
-      settings: model, lora, checkpoint step, data, counts, sampling settings and the
-        prompt settings used.
-      metrics: see the module docstring; ``pass@k`` is keyed by its k (``"pass@1"``).
-      examples: per-example records (:func:`score_completions`) with ``index`` and
-        ``prompt`` added.
-      seconds: wall time of generation and scoring (model loading excluded).
-    """
-
-    label: str
-    settings: dict[str, Any]
-    metrics: dict[str, float]
-    examples: list[dict[str, Any]]
-    seconds: float
-
-    def summary(self) -> dict[str, Any]:
-        """The JSON summary: label, settings, metrics and seconds (no per-example data)."""
-        return {"label": self.label, "settings": self.settings, "metrics": self.metrics,
-                "seconds": round(self.seconds, 2)}
-
-    def table(self) -> str:
-        """The metrics as a two-column text table."""
-        rows = [(name, _fmt(name, value)) for name, value in _ordered(self.metrics)]
-        return _table(("metric", self.label), rows)
-
-    def write(self, out: str | os.PathLike) -> tuple[Path, Path]:
-        """Writes the summary to ``out`` (JSON) and the examples to :func:`examples_path`.
-
-        Both files are written atomically. Returns ``(summary_path, examples_path)``.
-        """
-        out = Path(out)
-        jsonl = examples_path(out)
-        _write_atomic(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                     for r in self.examples))
-        _write_atomic(out, json.dumps({**self.summary(), "examples_file": jsonl.name},
-                                      indent=2, ensure_ascii=False) + "\n")
-        return out, jsonl
-
-
-@dataclasses.dataclass
-class Comparison:
-    """Two evaluations on the same examples and seeds: ``a`` (reference) and ``b``."""
-
-    a: EvalReport
-    b: EvalReport
-
-    def table(self) -> str:
-        """``metric | A | B | delta`` with delta = B - A."""
-        return comparison_table(self.a, self.b)
-
-    def summary(self) -> dict[str, Any]:
-        """The JSON summary: both summaries and the deltas (B - A) of shared metrics."""
-        shared = [m for m in self.a.metrics if m in self.b.metrics]
-        return {"a": self.a.summary(), "b": self.b.summary(),
-                "delta": {m: self.b.metrics[m] - self.a.metrics[m] for m in shared}}
-
-    def write(self, out: str | os.PathLike) -> tuple[Path, Path]:
-        """Writes the summary to ``out`` (JSON) and one JSONL line per example to
-        :func:`examples_path` (``{"index", "question", "reference", "a": {...},
-        "b": {...}}``), both atomically. Returns ``(summary_path, examples_path)``."""
-        out = Path(out)
-        jsonl = examples_path(out)
-        lines = []
-        for ra, rb in zip(self.a.examples, self.b.examples):
-            shared = {key: ra[key] for key in ("index", "question", "reference")}
-            side = lambda r: {key: v for key, v in r.items() if key not in shared}  # noqa: E731
-            lines.append(json.dumps({**shared, "a": side(ra), "b": side(rb)},
-                                    ensure_ascii=False) + "\n")
-        _write_atomic(jsonl, "".join(lines))
-        _write_atomic(out, json.dumps({**self.summary(), "examples_file": jsonl.name},
-                                      indent=2, ensure_ascii=False) + "\n")
-        return out, jsonl
-
-
-def comparison_table(a: EvalReport, b: EvalReport) -> str:
-    """A text table ``metric | A: label | B: label | delta`` (delta = B - A)."""
-    rows = []
-    for name, value in _ordered(a.metrics):
-        if name not in b.metrics:
-            continue
-        delta = b.metrics[name] - value
-        rows.append((name, _fmt(name, value), _fmt(name, b.metrics[name]),
-                     ("+" if delta >= 0 else "") + _fmt(name, delta)))
-    return _table(("metric", f"A: {a.label}", f"B: {b.label}", "delta"), rows)
-
-
-def examples_path(out: str | os.PathLike) -> Path:
-    """Where the per-example JSONL of summary file ``out`` goes: ``out`` with suffix
-    ``.jsonl`` (``eval.json`` -> ``eval.jsonl``, ``results`` -> ``results.jsonl``).
-
-    Raises:
-      ValueError: ``out`` itself ends in ``.jsonl`` (the two files would collide).
-    """
-    out = Path(out)
-    if out.suffix == ".jsonl":
-        raise ValueError(f"out={str(out)!r} ends in .jsonl, where the per-example file goes; "
-                         "name the JSON summary, e.g. eval.json (examples: eval.jsonl)")
-    return out.with_suffix(".jsonl")
-
-
-def _ordered(metrics: dict[str, float]) -> list[tuple[str, float]]:
-    def rank(name: str) -> int:
-        key = "pass@{k}" if name.startswith("pass@") else name
-        return _METRIC_ORDER.index(key) if key in _METRIC_ORDER else len(_METRIC_ORDER)
-
-    return sorted(metrics.items(), key=lambda item: rank(item[0]))
-
-
-def _fmt(name: str, value: float) -> str:
-    return f"{value:.1f}" if name == "mean_completion_tokens" else f"{value:.3f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(str(cell).ljust(w) for cell, w in zip(header, widths)).rstrip(),
-             "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
-              for row in rows]
-    return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        # mkstemp creates the file 0600; results are meant to be shared like any output.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 # ---------------------------------------------------------------------------
 # Adapters: export directories and run directories
@@ -354,8 +70,8 @@ class _Adapters:
 
 def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
     """Checks a ``lora`` path without loading a model; None (or "base") for no adapters."""
-    from jaxpost.checkpoints import newest_readable_step
-    from jaxpost.config import load_yaml
+    from jaxpost.checkpoints import final_stage_dir, newest_readable_step
+    from jaxpost.config import load_run_config, load_yaml
     from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG, EXPORT_METRICS
     from jaxpost.rundir import CONFIG_FILE, RunDir
 
@@ -378,17 +94,18 @@ def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
         raise ValueError(f"lora={str(lora)!r} holds neither {ADAPTER_FILE} (a LoRA export) nor "
                          f"{CONFIG_FILE} (a training run's output_dir)")
     run = RunDir(path)
-    ckpt_dir = run.final_checkpoint_dir()
+    ckpt_dir = final_stage_dir(run.checkpoint_dir)
     step = newest_readable_step(ckpt_dir)
     if step is None:
         raise ValueError(f"lora={str(lora)!r} is a run directory without a finished checkpoint "
                          f"that can be read in {ckpt_dir}: train first (jaxpost train --set "
                          f"output_dir={path})")
-    return _Adapters(path, "run", run.read_config(), step)
+    return _Adapters(path, "run", load_run_config(path), step)
 
 
 def _adapted_model(loaded, adapters: _Adapters):
     """The base model of ``loaded`` with ``adapters`` applied (base weights shared)."""
+    from jaxpost.checkpoints import final_stage_dir
     from jaxpost.export import checkpoint_lora_arrays, load_lora_export, set_lora_arrays
     from jaxpost.lora import apply_lora
     from jaxpost.rundir import RunDir
@@ -396,7 +113,7 @@ def _adapted_model(loaded, adapters: _Adapters):
     if adapters.kind == "export":
         return load_lora_export(adapters.path, loaded)
     config = adapters.config
-    ckpt_dir = RunDir(adapters.path).final_checkpoint_dir()
+    ckpt_dir = final_stage_dir(RunDir(adapters.path).checkpoint_dir)
     _, arrays = checkpoint_lora_arrays(ckpt_dir, adapters.step)
     model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank, alpha=config.lora_alpha,
                        target_modules=config.lora_target_modules)
@@ -456,14 +173,16 @@ def _check_options(*, data, num_examples, k, num_samples, temperature, top_k, to
                     max_new_tokens, batch_size, int(seed))
 
 
-def _prompt_config(model_source: str, own: _Adapters | None, other: _Adapters | None):
-    """The config whose prompt settings format the prompts of one side."""
-    from jaxpost.config import ColabTrainingConfig
+def _prompt_format(model_source: str, own: _Adapters | None, other: _Adapters | None):
+    """The prompt format of one side: its adapters' run's, else the other side's, else
+    the default system prompt under ``model_source``'s template."""
+    from jaxpost.config import DEFAULT_SYSTEM_PROMPT
+    from jaxpost.prompts import PromptFormat, resolve_chat_template
 
     for adapters in (own, other):
         if adapters is not None:
-            return adapters.config
-    return ColabTrainingConfig(model=model_source)
+            return PromptFormat.from_config(adapters.config)
+    return PromptFormat(resolve_chat_template(model_source), DEFAULT_SYSTEM_PROMPT)
 
 
 def _base_key(model_source: str | None, adapters: Sequence[_Adapters | None]):
@@ -481,15 +200,14 @@ def _base_key(model_source: str | None, adapters: Sequence[_Adapters | None]):
     return model_source, dtype, seed
 
 
-def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_config,
+def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_format,
          examples: list[dict], opts: _Options) -> EvalReport:
     """Generates and scores every example with ``model``; prints a progress line per batch."""
-    from jaxpost.prompts import format_prompt, resolve_chat_template, system_text
+    from jaxpost.prompts import format_prompt
     from jaxpost.sampling import generate, make_sampler
 
     t0 = time.time()
-    template = resolve_chat_template(prompt_config.model, prompt_config.chat_template)
-    prompts = [format_prompt(e["question"], prompt_config, template=template) for e in examples]
+    prompts = [format_prompt(e["question"], prompt_format) for e in examples]
     n = opts.num_samples
     rows = [p for p in prompts for _ in range(n)]  # [examples * n]
     # One prompt length and one batch shape for every batch: nothing recompiles.
@@ -512,8 +230,8 @@ def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_config,
     records = []
     for i, (example, prompt) in enumerate(zip(examples, prompts)):
         record = score_completions(example, texts[i * n:(i + 1) * n],
-                                   reasoning_tag=prompt_config.reasoning_tag,
-                                   answer_tag=prompt_config.answer_tag,
+                                   reasoning_tag=prompt_format.reasoning_tag,
+                                   answer_tag=prompt_format.answer_tag,
                                    max_new_tokens=opts.max_new_tokens, k=opts.k,
                                    tokenizer=loaded.tokenizer, prompt=prompt)
         records.append({"index": i, "prompt": prompt, **record})
@@ -524,8 +242,8 @@ def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_config,
         "checkpoint_step": None if adapters is None else adapters.step,
         **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)},
         "num_examples": len(examples),
-        "chat_template": template,
-        "system_prompt": system_text(prompt_config),
+        "chat_template": prompt_format.template,
+        "system_prompt": prompt_format.system,
         "answer_reward": sorted({r["answer_reward"] for r in records}),
     }
     return EvalReport(label, settings, aggregate(records, opts.k), records, time.time() - t0)
@@ -603,11 +321,11 @@ def evaluate(
     adapters = _resolve_adapters(lora)
     examples = _load_examples(opts)
     source, dtype, model_seed = _base_key(model_source, [adapters])
-    prompt_config = _prompt_config(source, adapters, None)
+    prompt_format = _prompt_format(source, adapters, None)
     if loaded is None:
         loaded = _load(source, dtype, model_seed)
     model = loaded.model if adapters is None else _adapted_model(loaded, adapters)
-    report = _run(loaded, model, _label(adapters), adapters, prompt_config, examples, opts)
+    report = _run(loaded, model, _label(adapters), adapters, prompt_format, examples, opts)
     if out is not None:
         summary, jsonl = report.write(out)
         print(f"jaxpost eval: wrote {summary} and {jsonl}", flush=True)
@@ -669,8 +387,8 @@ def compare(
             models[key] = _load(*key)
         loaded = models[key]
         model = loaded.model if adapters is None else _adapted_model(loaded, adapters)
-        prompt_config = _prompt_config(key[0], adapters, sides[1 - i])
-        reports.append(_run(loaded, model, _label(adapters), adapters, prompt_config,
+        prompt_format = _prompt_format(key[0], adapters, sides[1 - i])
+        reports.append(_run(loaded, model, _label(adapters), adapters, prompt_format,
                             examples, opts))
     result = Comparison(*reports)
     if out is not None:

@@ -3,8 +3,9 @@
 * :func:`hf_download` fetches a Hugging Face checkpoint (config, safetensors, tokenizer)
   into ``<jaxpost cache>/hf`` with ``huggingface_hub``; a snapshot already there loads
   without network (``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached).
-* :func:`load_kaggle` fetches a Gemma Flax (Orbax) checkpoint with ``kagglehub`` and loads
-  it as Tunix's GRPO demo does (``create_model_from_checkpoint`` for Gemma 3,
+* :func:`kaggle_download` fetches a Kaggle Models handle with ``kagglehub``, and
+  :func:`load_kaggle_checkpoint` loads a Gemma Flax (Orbax) checkpoint from it as Tunix's
+  GRPO demo does (:func:`jaxpost.models.load_kaggle` picks the loader) (``create_model_from_checkpoint`` for Gemma 3,
   ``Gemma.from_params`` for Gemma 1/2). The Tunix config comes from the handle's
   variation name (see :data:`KAGGLE_VARIATIONS`).
 
@@ -25,6 +26,7 @@ from typing import Any
 from jaxpost.mesh import use_mesh
 from jaxpost import cache
 from jaxpost.credentials import WHERE_TO_ADD
+from jaxpost.model_types import LoadedModel, eos_ids, load_sentencepiece
 
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -269,7 +271,6 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
     from flax import nnx
 
     from jaxpost import fast_logits
-    from jaxpost.models import LoadedModel, load_sentencepiece
 
     ckpt = kaggle_checkpoint_dir(root, km.variation)
     tokenizer = load_sentencepiece(find_tokenizer_model(root))
@@ -296,24 +297,8 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
             logging.getLogger(__name__).info(
                 "%s is a %s model: its loss uses Tunix's full logits (jaxpost's chunked "
                 "log-probs and decoding loop are written for Gemma 3)", source, km.family)
-    ids = [tokenizer.eos_id()]
+    # An Orbax checkpoint has no config.json: the end-of-turn id comes from the vocabulary.
     end_of_turn = tokenizer.tokenizer.PieceToId("<end_of_turn>")
-    if end_of_turn not in (tokenizer.tokenizer.unk_id(), *ids):
-        ids.append(end_of_turn)
-    return LoadedModel(model, tokenizer, cfg, mesh, km.family, source, root, tuple(ids))
-
-
-def load_kaggle(handle: str, source: str, mesh, dtype):
-    """Downloads ``handle`` with kagglehub and loads it (``kaggle:`` sources).
-
-    ``flax`` handles are Gemma Orbax checkpoints (see :data:`KAGGLE_VARIATIONS`);
-    ``transformers`` handles are Hugging Face directories, loaded like a local one.
-    The handle is checked before any download.
-    """
-    km = parse_kaggle_handle(handle)
-    root = kaggle_download(km)
-    if km.framework == "transformers":
-        from jaxpost.models import load_local_dir
-
-        return load_local_dir(root, source, mesh, dtype)
-    return load_kaggle_checkpoint(root, km, source, mesh, dtype)
+    found = {} if end_of_turn == tokenizer.tokenizer.unk_id() else {"eos_token_id": end_of_turn}
+    return LoadedModel(model, tokenizer, cfg, mesh, km.family, source, root,
+                       eos_ids(tokenizer, found))

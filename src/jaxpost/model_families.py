@@ -11,8 +11,8 @@ naming the key), checks the safetensors headers against that config (names and s
 so a truncated download or a mismatched config fails with the tensor's name rather than
 deep inside Tunix), then calls Tunix's ``create_model_from_safe_tensors`` on the mesh.
 
-This module imports :mod:`jaxpost.models` only inside functions: ``jaxpost.models``
-imports this module to fill its loader table.
+``jaxpost.models`` imports this module to fill its loader table; the types both use
+live in :mod:`jaxpost.model_types`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jaxpost.mesh import use_mesh
+from jaxpost.model_types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
 
 # Safetensors dtypes that Tunix's memory-mapped loader can read (it assumes one dtype per
 # file; anything else goes through its slower per-tensor path).
@@ -399,8 +400,6 @@ def load_tokenizer(path: Path):
     """
     from tunix.generate.tokenizer_adapter import TokenizerAdapter
 
-    from jaxpost.models import load_sentencepiece
-
     if (path / "tokenizer.model").is_file():
         return load_sentencepiece(path / "tokenizer.model")
     if (path / "tokenizer.json").is_file():
@@ -411,27 +410,8 @@ def load_tokenizer(path: Path):
                             "or tokenizer.json (Hugging Face) beside config.json")
 
 
-def eos_ids(tokenizer, *configs: dict) -> tuple[int, ...]:
-    """Token ids that end a turn: the tokenizer's EOS, then each config's ``eos_token_id``.
-
-    ``configs`` are ``config.json`` and ``generation_config.json`` dicts; an id may be an
-    int or a list (Llama 3 Instruct lists end-of-text, end-of-message and end-of-turn).
-    """
-    ids: list[int] = []
-    for value in [tokenizer.eos_id(), *(c.get("eos_token_id") for c in configs)]:
-        for i in value if isinstance(value, list) else [value]:
-            if isinstance(i, int) and not isinstance(i, bool) and i >= 0 and i not in ids:
-                ids.append(i)
-    if not ids:
-        raise ValueError("no end-of-sequence token: the tokenizer has no EOS and config.json "
-                         "has no eos_token_id")
-    return tuple(ids)
-
-
 def _load_dir(path: Path, source: str, mesh, dtype, *, family: str,
               config_from_hf: Callable[[dict, str], Any], create: Callable) -> Any:
-    from jaxpost.models import LoadedModel
-
     cfg_file = path / "config.json"
     hf = read_json(cfg_file)
     model_type = hf.get("model_type")

@@ -30,9 +30,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpost import cache, fast_logits
+from jaxpost import cache, fast_logits, hub
 from jaxpost.config import MODEL_PREFIXES
 from jaxpost.mesh import make_mesh, use_mesh
+from jaxpost.model_families import LOADERS as _FAMILY_LOADERS
+from jaxpost.model_types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
 
 SOURCE_FORMS = (
     "embedded:gemma3-270m",
@@ -45,31 +47,6 @@ SOURCE_FORMS = (
 EMBEDDED_MODELS = ("gemma3-270m",)
 RANDOM_MODELS = ("gemma3-tiny",)
 _EMBEDDED_ENTRY = "embedded-gemma3-270m-v1"
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A model ready for sampling and training.
-
-    Attributes:
-      model: the Flax NNX module (Tunix architecture), sharded on ``mesh``.
-      tokenizer: a Tunix ``TokenizerAdapter`` (``encode``/``decode``/``bos_id``/...).
-      model_config: the Tunix ``ModelConfig`` the module was built from.
-      mesh: the device mesh the parameters live on.
-      family: architecture family, e.g. ``"gemma3"``, ``"qwen2"``, ``"llama3"``.
-      source: the source string it was loaded from.
-      path: the local directory holding its files (None for random models).
-      eos_ids: token ids that end a turn (end of sequence and end-of-turn markers).
-    """
-
-    model: nnx.Module
-    tokenizer: Any
-    model_config: Any
-    mesh: jax.sharding.Mesh
-    family: str
-    source: str
-    path: Path | None
-    eos_ids: tuple[int, ...]
 
 
 def _dtype(name: str):
@@ -165,27 +142,6 @@ def tiny_gemma3_config(vocab_size: int, dtype) -> Any:
     return gemma3.ModelConfig(
         num_layers=2, num_embed=vocab_size, embed_dim=64, hidden_dim=128, num_heads=2,
         head_dim=32, num_kv_heads=1, sliding_window_size=64, param_dtype=dtype)
-
-
-def load_sentencepiece(path: Path):
-    """A Tunix ``TokenizerAdapter`` around a SentencePiece model that adds BOS.
-
-    Built from ``SentencePieceProcessor`` directly: Tunix's own ``Tokenizer`` class calls
-    ``SetEncodeExtraOptions``, which sentencepiece 0.2.3 rejects.
-    """
-    import sentencepiece as spm
-    from tunix.generate.tokenizer_adapter import TokenizerAdapter
-
-    return TokenizerAdapter(spm.SentencePieceProcessor(model_file=str(path), add_bos=True))
-
-
-def _eos_ids(tokenizer, hf_config: dict) -> tuple[int, ...]:
-    ids = [tokenizer.eos_id()]
-    extra = hf_config.get("eos_token_id")
-    for i in extra if isinstance(extra, list) else [extra]:
-        if isinstance(i, int) and i not in ids:
-            ids.append(i)
-    return tuple(ids)
 
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
@@ -304,7 +260,7 @@ def _load_gemma3_dir(path: Path, source: str, mesh, dtype) -> LoadedModel:
     fast_logits.enable(model)
     tokenizer = load_sentencepiece(tok_file)
     return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, path,
-                       _eos_ids(tokenizer, hf))
+                       eos_ids(tokenizer, hf))
 
 
 # Hugging Face ``model_type`` -> loader for a local directory. Other families register
@@ -312,6 +268,7 @@ def _load_gemma3_dir(path: Path, source: str, mesh, dtype) -> LoadedModel:
 LOCAL_LOADERS: dict[str, Any] = {
     "gemma3": _load_gemma3_dir,
     "gemma3_text": _load_gemma3_dir,
+    **_FAMILY_LOADERS,  # Gemma 2, Qwen 2.5/3 and Llama 3 directories
 }
 
 
@@ -349,8 +306,6 @@ def attention_heads(source: str) -> tuple[int, int] | None:
     elif sep and prefix == "random" and rest in RANDOM_MODELS:
         cfg = tiny_gemma3_config(1, jnp.float32)
     elif sep and prefix == "kaggle":
-        from jaxpost import hub
-
         try:
             km = hub.parse_kaggle_handle(rest)
         except ValueError:
@@ -429,14 +384,26 @@ def load_model(
             return _load_random_tiny(source, mesh, jdtype, seed, show_progress)
         if prefix == "gguf":
             return load_local_dir(gguf_model_dir(rest, show_progress), source, mesh, jdtype)
-        from jaxpost import hub
-
         if prefix == "hf":
             return load_local_dir(hub.hf_download(rest), source, mesh, jdtype)
-        return hub.load_kaggle(rest, source, mesh, jdtype)
+        return load_kaggle(rest, source, mesh, jdtype)
     if sep and "/" not in prefix and not os.path.exists(source):
         raise _source_error(source, f"unknown prefix {prefix!r}")
     return load_local_dir(Path(source).expanduser(), source, mesh, jdtype)
+
+
+def load_kaggle(handle: str, source: str, mesh, dtype) -> LoadedModel:
+    """Downloads ``handle`` with kagglehub and loads it (``kaggle:`` sources).
+
+    ``flax`` handles are Gemma Orbax checkpoints (see :data:`jaxpost.hub.KAGGLE_VARIATIONS`);
+    ``transformers`` handles are Hugging Face directories, loaded like a local one.
+    The handle is checked before any download.
+    """
+    km = hub.parse_kaggle_handle(handle)
+    root = hub.kaggle_download(km)
+    if km.framework == "transformers":
+        return load_local_dir(root, source, mesh, dtype)
+    return hub.load_kaggle_checkpoint(root, km, source, mesh, dtype)
 
 
 def _load_random_tiny(source, mesh, dtype, seed, show_progress) -> LoadedModel:
@@ -452,7 +419,7 @@ def _load_random_tiny(source, mesh, dtype, seed, show_progress) -> LoadedModel:
         nnx.update(model, sharded)
     fast_logits.enable(model)
     hf = json.loads((path / "config.json").read_text())
-    return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, None, _eos_ids(tokenizer, hf))
+    return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, None, eos_ids(tokenizer, hf))
 
 
 def count_params(model: nnx.Module, variable_type=nnx.Param) -> int:
@@ -460,9 +427,3 @@ def count_params(model: nnx.Module, variable_type=nnx.Param) -> int:
     state = nnx.state(model, variable_type)
     return sum(x.size for x in jax.tree.leaves(state))
 
-
-# Gemma 2, Qwen 2.5/3 and Llama 3 directories. Imported last: jaxpost.model_families uses
-# this module (inside its functions only, so importing it first works too).
-from jaxpost.model_families import LOADERS as _FAMILY_LOADERS  # noqa: E402
-
-LOCAL_LOADERS.update(_FAMILY_LOADERS)

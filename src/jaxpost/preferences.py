@@ -29,6 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxpost.demonstrations import parse_file_spec
+from jaxpost.jsonl import read_jsonl
+from jaxpost.prompts import strip_end_marker
+
 __all__ = [
     "PREFERENCE_DATA_FORMS",
     "SELF",
@@ -91,8 +95,6 @@ def _invalid(spec: str, why: str) -> ValueError:
 
 def _parse_preference_jsonl(spec: str) -> tuple[str, dict[str, str], int | None]:
     """(path, column options, max) of a ``preference-jsonl:PATH[#KEY=VALUE&...]`` spec."""
-    from jaxpost.demonstrations import parse_file_spec
-
     path, options, limit = parse_file_spec(spec, _PREFERENCE_JSONL,
                                            _PREFERENCE_JSONL_OPTIONS, _invalid)
     if options.get("chosen") is not None and options.get("chosen") == options.get("rejected"):
@@ -163,8 +165,6 @@ def load_preference_jsonl(spec: str, *, seed: int,
     """
     import logging
 
-    from jaxpost.data import read_jsonl
-    from jaxpost.rewards import strip_end_marker
 
     check_preference_data_spec(spec)
     path, options, limit = _parse_preference_jsonl(spec)

@@ -8,6 +8,7 @@ prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -23,6 +24,20 @@ _STOP_STRINGS = {
     "llama3": ["<|eot_id|>"],
     "none": [],
 }
+
+# End-of-turn markers a decoder may leave at the end of a completion (Gemma, Llama/
+# SentencePiece, ChatML). They are not the model's text, so format rewards ignore one.
+END_MARKERS: tuple[str, ...] = ("<end_of_turn>", "<eos>", "</s>", "<|im_end|>")
+
+
+def strip_end_marker(completion: str) -> str:
+    """The completion without surrounding whitespace and a trailing end-of-turn marker."""
+    text = completion.strip()
+    for marker in END_MARKERS:
+        if text.endswith(marker):
+            return text[: -len(marker)].rstrip()
+    return text
+
 
 # Hugging Face `config.json` model_type -> template.
 _MODEL_TYPE_TEMPLATES = {
@@ -121,7 +136,11 @@ def stop_strings(template: str) -> list[str]:
 
 
 def system_text(config: Any) -> str:
-    """The config's system prompt with `{reasoning_tag}`/`{answer_tag}` filled in.
+    """The system prompt with `{reasoning_tag}`/`{answer_tag}` filled in.
+
+    Args:
+      config: a :class:`PromptFormat`, or any object with `system_prompt`,
+        `reasoning_tag` and `answer_tag` (a run's config).
 
     Plain replacement rather than `str.format`, so that a literal prompt with
     other braces (a JSON example, say) is left untouched.
@@ -131,6 +150,58 @@ def system_text(config: Any) -> str:
         .replace("{answer_tag}", config.answer_tag)
         .strip()
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """Everything that turns a question into prompt text: a value, not a whole config.
+
+    Built once per run (:meth:`from_config`, which resolves the chat template, and may
+    read the model's config.json for that), then passed to :func:`format_prompt` for
+    every question.
+
+    Attributes:
+      template: a resolved chat template: "gemma", "chatml", "llama3" or "none".
+      system_prompt: the system prompt, `{reasoning_tag}`/`{answer_tag}` not yet
+        filled in; "" leaves out the system block.
+      reasoning_tag, answer_tag: the tag names the system prompt asks for (and the
+        rewards parse).
+    """
+
+    template: str
+    system_prompt: str = ""
+    reasoning_tag: str = "reasoning"
+    answer_tag: str = "answer"
+
+    def __post_init__(self) -> None:
+        if self.template not in _STOP_STRINGS:
+            raise ValueError(
+                f"template={self.template!r} is not one of {tuple(_STOP_STRINGS)} "
+                "(resolve 'auto' with resolve_chat_template or PromptFormat.from_config)"
+            )
+
+    @classmethod
+    def from_config(cls, config: Any, *, template: str | None = None) -> PromptFormat:
+        """The prompt format of a run's config.
+
+        Args:
+          config: reads `model`, `chat_template`, `system_prompt`, `reasoning_tag`
+            and `answer_tag` (a `ColabTrainingConfig`, or any object with them).
+          template: an already resolved template; skips :func:`resolve_chat_template`
+            (and `config.model`, `config.chat_template`).
+
+        Raises:
+          ValueError: an unknown template, or one that cannot be inferred.
+        """
+        if template is None:
+            template = resolve_chat_template(config.model, config.chat_template)
+        return cls(template=template, system_prompt=config.system_prompt,
+                   reasoning_tag=config.reasoning_tag, answer_tag=config.answer_tag)
+
+    @property
+    def system(self) -> str:
+        """The system text sent: :func:`system_text` of this format."""
+        return system_text(self)
 
 
 def _criterion_text(criterion: Any) -> str:
@@ -163,12 +234,14 @@ def format_prompt(
 
     Args:
       question: the task text; surrounding whitespace is stripped.
-      config: reads `model`, `chat_template`, `system_prompt`, `reasoning_tag`,
-        `answer_tag`.
+      config: a :class:`PromptFormat`, or a run's config (any object with the fields
+        :meth:`PromptFormat.from_config` reads), converted here.
       rubric: optional criteria (str, or objects with a `.text` str), listed
-        after the question under "Your answer will be judged on:".
-      template: a resolved template name; skips `resolve_chat_template` (which
-        may read config.json) when formatting many prompts.
+        after the question under "Your answer will be judged on:"
+        (:func:`jaxpost.rubrics.policy_rubric` gives them for a dataset's rubric).
+      template: a resolved template name that overrides the format's; with a
+        config, it skips `resolve_chat_template` (which may read config.json) when
+        formatting many prompts.
 
     Returns:
       The prompt, ending where the model's turn starts. An empty system prompt
@@ -179,9 +252,12 @@ def format_prompt(
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty str, got {question!r}")
-    if template is None:
-        template = resolve_chat_template(config.model, config.chat_template)
-    system = system_text(config)
+    if not isinstance(config, PromptFormat):
+        config = PromptFormat.from_config(config, template=template)
+    elif template is not None and template != config.template:
+        config = dataclasses.replace(config, template=template)
+    template = config.template
+    system = config.system
     user = _user_text(question.strip(), rubric)
 
     if template == "gemma":
@@ -202,11 +278,8 @@ def format_prompt(
             f"{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
         )
-    if template == "none":
-        return f"{system}\n\n{user}\n" if system else f"{user}\n"
-    raise ValueError(
-        f"template={template!r} is not one of {tuple(_STOP_STRINGS)}"
-    )
+    # "none": PromptFormat admits no other template.
+    return f"{system}\n\n{user}\n" if system else f"{user}\n"
 
 
 # Jinja chat templates (Hugging Face's `chat_template`, GGUF's `tokenizer.chat_template`)

@@ -36,14 +36,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from jaxpost.config import (  # noqa: F401  (re-exported)
-    AGGREGATIONS,
-    CATEGORIES,
-    DEFAULT_CATEGORY_WEIGHTS,
-)
-from jaxpost.data import read_jsonl
+from jaxpost.jsonl import read_jsonl
+from jaxpost.prompts import strip_end_marker
 
 logger = logging.getLogger("jaxpost.rubrics")
+
+# The criteria's categories, in the order of a rubric_category_weights tuple.
+CATEGORIES = ("essential", "important", "optional", "pitfall")
+# RaR's own scale: Essential 5, Important 3-4, Optional 1-2, Pitfall -1 to -2.
+DEFAULT_CATEGORY_WEIGHTS = (5.0, 3.0, 1.0, 2.0)
+AGGREGATIONS = ("explicit", "implicit")
 
 DEMO_RUBRICS = "rubrics_demo.jsonl"
 
@@ -252,6 +254,20 @@ def _hub_rows(repo: str, split: str) -> list[dict]:
     return [dict(r) for r in datasets.load_dataset(repo, split=split)]
 
 
+def policy_rubric(rubric: Any) -> list[str]:
+    """A rubric as the policy's prompt lists it: each criterion's text, pitfalls
+    (negative weights) as "Avoid: ..." so that they do not read as goals.
+
+    Args:
+      rubric: any form :func:`parse_rubric` accepts (the `rubric`
+        column of a rubric dataset: a list of criteria, or its JSON).
+
+    Raises:
+      MalformedRubric: as :func:`parse_rubric`.
+    """
+    return [f"Avoid: {c.text}" if c.is_pitfall else c.text for c in parse_rubric(rubric)]
+
+
 def load_rubric_rows(kind: str, arg: str | None, skipped: collections.Counter) -> list[dict]:
     """Examples ``{"question", "answer", "rubric"}`` of one rubric dataset.
 
@@ -419,7 +435,6 @@ def rubric(
             raise ValueError(f"rubric: column {name!r} has {len(col)} values for "
                              f"{len(completions)} completions")
     # Imported here: jaxpost.rewards imports this module for its registry.
-    from jaxpost.rewards import strip_end_marker
 
     rubrics = [parse_rubric(str(r)) for r in raw_rubrics]
     texts = [strip_end_marker(c) for c in completions]

@@ -16,7 +16,9 @@
 Training writes into the config's ``output_dir``; everything that reads a finished run
 (export, evaluation, quick test) takes the directory it is given and derives every path
 from it, never from the ``output_dir`` recorded in its ``config.yaml``: a run copied or
-moved elsewhere is read where it lies.
+moved elsewhere is read where it lies. This module names the paths and reads nothing:
+:func:`jaxpost.config.load_run_config` reads a run's config and
+:func:`jaxpost.checkpoints.final_stage_dir` finds its latest LoRA weights.
 """
 
 from __future__ import annotations
@@ -115,34 +117,3 @@ class RunDir:
     def is_run(self) -> bool:
         """Whether the directory holds a run's ``config.yaml``."""
         return self.config_file.is_file()
-
-    def read_config(self):
-        """The ``ColabTrainingConfig`` that ran.
-
-        Raises:
-          FileNotFoundError: the directory holds no ``config.yaml``.
-        """
-        from jaxpost.config import load_yaml
-
-        if not self.is_run():
-            raise FileNotFoundError(f"{self.config_file} is missing: RUN_DIR must be the "
-                                    "output_dir of a jaxpost train run")
-        return load_yaml(str(self.config_file))
-
-    def final_checkpoint_dir(self) -> Path:
-        """The checkpoints holding the run's latest LoRA weights (:func:`final_stage_dir`)."""
-        return final_stage_dir(self.checkpoint_dir)
-
-
-def final_stage_dir(checkpoint_dir: str | os.PathLike) -> Path:
-    """The stage directory under a checkpoint root that holds the latest LoRA weights:
-    GRPO's or DPO's once one has a finished step (a run holds one of the two), else the
-    SFT warm-up's when it has one, else GRPO's (which then holds none, for the caller's
-    error message). Absolute."""
-    from jaxpost.checkpoints import latest_step
-
-    root = Path(checkpoint_dir).expanduser().absolute()
-    for stage in (GRPO_STAGE, DPO_STAGE, SFT_STAGE):
-        if latest_step(root / stage) is not None:
-            return root / stage
-    return root / GRPO_STAGE

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from typing import Sequence
 
 from flax import nnx
@@ -10,7 +9,7 @@ from flax import nnx
 from jaxpost import fast_logits
 from jaxpost.mesh import use_mesh
 from jaxpost.models import LoadedModel
-from jaxpost.prompts import format_prompt, model_chat_template
+from jaxpost.prompts import PromptFormat, format_prompt, model_chat_template
 
 
 def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
@@ -39,15 +38,19 @@ def chat_prompt(text: str, loaded: LoadedModel, chat_template: str = "auto", *,
         family's (:func:`jaxpost.prompts.model_chat_template`).
       prompt_config: the settings of a run whose prompt format to use (its
         ``chat_template``, ``system_prompt`` and tags, e.g. the ``config.yaml`` of the
-        adapters being sampled); None: no system text.
+        adapters being sampled), or a :class:`jaxpost.prompts.PromptFormat`; None: no
+        system text.
     """
-    if prompt_config is None:
-        prompt_config = types.SimpleNamespace(chat_template="auto", system_prompt="",
-                                              reasoning_tag="reasoning", answer_tag="answer")
-    if chat_template == "auto":
+    if isinstance(prompt_config, PromptFormat):
+        if chat_template == "auto":
+            return format_prompt(text, prompt_config)
+        return format_prompt(text, prompt_config, template=chat_template)
+    if chat_template == "auto" and prompt_config is not None:
         chat_template = prompt_config.chat_template
     template = model_chat_template(loaded, chat_template)
-    return format_prompt(text, prompt_config, template=template)
+    if prompt_config is None:
+        return format_prompt(text, PromptFormat(template))
+    return format_prompt(text, PromptFormat.from_config(prompt_config, template=template))
 
 
 def generate(

@@ -1,6 +1,6 @@
-"""Exports a run's LoRA adapters, with the config that produced them and its final metrics.
+"""jaxpost's own export format: a run's LoRA adapters, with its config and final metrics.
 
-An export directory holds:
+A LoRA export directory holds:
 
 * ``adapter.safetensors`` -- the LoRA parameters, named by their module path
   (``layers.0.attn.q_einsum.w_lora_a``);
@@ -8,36 +8,45 @@ An export directory holds:
 * ``metrics.json`` -- the step, the first and final rewards and the last step's metrics;
 * ``README.md`` -- how to load it.
 
-:func:`load_lora_export` rebuilds the adapted model from these files alone.
+:func:`load_lora_export` rebuilds the adapted model from these files alone; the other
+formats (:mod:`jaxpost.export.formats`) are built from them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
-from jaxpost.config import ColabTrainingConfig, load_yaml, save_yaml
+from jaxpost.checkpoints import final_stage_dir, restore_lora_params
+from jaxpost.config import ColabTrainingConfig
+from jaxpost.export.cards import lora_readme
+from jaxpost.export.directory import (
+    ADAPTER_FILE,
+    README_FILE,
+    export_directory,
+    read_lora_export,
+    write_record,
+)
+from jaxpost.lora import apply_lora
+from jaxpost.rundir import RunDir
+from jaxpost.train import read_metrics
 
-ADAPTER_FILE = "adapter.safetensors"
-EXPORT_CONFIG = "config.yaml"
-EXPORT_METRICS = "metrics.json"
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """A nested dict of arrays as ``{"layers.0.attn.q_einsum.w": array}`` (keys joined by
+    dots, leaves as numpy arrays)."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict):
-            flat.update(_flatten(value, name))
+            flat.update(flatten(value, name))
         else:
             flat[name] = np.asarray(value)
     return flat
@@ -46,7 +55,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 def lora_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's LoRA parameters as ``{"layers.0.attn.q_einsum.w_lora_a": array}``."""
     state = nnx.state(model, nnx.LoRAParam).to_pure_dict()
-    return _flatten(state)
+    return flatten(state)
 
 
 def set_lora_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -57,7 +66,7 @@ def set_lora_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
     """
     state = nnx.state(model, nnx.LoRAParam)
     pure = state.to_pure_dict()
-    expected = _flatten(pure)
+    expected = flatten(pure)
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -89,20 +98,6 @@ def export_lora(model: nnx.Module, config: ColabTrainingConfig, out_dir: str | o
     return _write_export(lora_arrays(model), config, Path(out_dir), metrics or {})
 
 
-def _instructions(path: Path) -> str:
-    return (
-        "# jaxpost LoRA export\n\n"
-        "Command line:\n\n"
-        f"    jaxpost generate \"What is 7 + 5?\" --chat --lora {path}\n\n"
-        "Python:\n\n"
-        "    from jaxpost.export import load_lora_export\n"
-        "    from jaxpost.models import load_model\n"
-        "    from jaxpost.sampling import generate\n"
-        f"    loaded = load_model(<the config's model>)\n"
-        f"    model = load_lora_export(\"{path}\", loaded)\n"
-        "    print(generate(loaded, \"What is 7 + 5?\", model=model, chat=True))\n")
-
-
 def load_lora_export(path: str | os.PathLike, loaded) -> nnx.Module:
     """Rebuilds the adapted model from an export directory and a loaded base model.
 
@@ -113,19 +108,21 @@ def load_lora_export(path: str | os.PathLike, loaded) -> nnx.Module:
     Raises:
       FileNotFoundError: when the directory lacks the adapter or config file.
     """
-    from safetensors.numpy import load_file
+    config, arrays, _ = read_lora_export(path)
+    return apply_lora_arrays(loaded, config, arrays)
 
-    from jaxpost.lora import apply_lora
 
-    path = Path(path)
-    for name in (ADAPTER_FILE, EXPORT_CONFIG):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} is missing: --lora expects a directory "
-                                    "written by jaxpost export / jaxpost train")
-    config = load_yaml(str(path / EXPORT_CONFIG))
+def apply_lora_arrays(loaded, config: ColabTrainingConfig,
+                      arrays: dict[str, np.ndarray]) -> nnx.Module:
+    """``loaded.model`` with LoRA adapters of ``config``'s rank, alpha and target modules
+    holding ``arrays`` (as :func:`lora_arrays` names them); the base weights are shared.
+
+    Raises:
+      ValueError: from :func:`set_lora_arrays`, when the arrays do not fit the config.
+    """
     model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank, alpha=config.lora_alpha,
                        target_modules=config.lora_target_modules)
-    set_lora_arrays(model, load_file(str(path / ADAPTER_FILE)))
+    set_lora_arrays(model, arrays)
     return model
 
 
@@ -148,11 +145,8 @@ def export_checkpoint(config: ColabTrainingConfig, trainer_state=None,
     Returns:
       The export directory.
     """
-    from jaxpost.rundir import RunDir
-    from jaxpost.train import read_metrics
-
     run = RunDir(config.output_dir if run_dir is None else run_dir)
-    step, arrays = checkpoint_lora_arrays(run.final_checkpoint_dir())
+    step, arrays = checkpoint_lora_arrays(final_stage_dir(run.checkpoint_dir))
     history = read_metrics(run.path)
     rewards = [h["reward"] for h in history if "reward" in h]
     metrics = {
@@ -176,17 +170,15 @@ def checkpoint_lora_arrays(checkpoint_dir, step: int | None = None) -> tuple[int
 
     Args:
       checkpoint_dir: a stage's checkpoint directory, e.g.
-        ``RunDir(run_dir).final_checkpoint_dir()``.
+        ``jaxpost.checkpoints.final_stage_dir(RunDir(run_dir).checkpoint_dir)``.
       step: the checkpoint step; the newest readable one when None.
 
     Returns:
       ``(step, {"layers.0.attn.q_einsum.w_lora_a": array, ...})``, ready for
       :func:`set_lora_arrays`.
     """
-    from jaxpost.checkpoints import restore_lora_params
-
     step, params = restore_lora_params(checkpoint_dir, step)
-    return step, _flatten(_strip_value_keys(params))
+    return step, flatten(_strip_value_keys(params))
 
 
 def _strip_value_keys(tree):
@@ -199,71 +191,8 @@ def _strip_value_keys(tree):
 
 
 def _write_export(arrays: dict[str, np.ndarray], config, out: Path, metrics) -> Path:
-    from safetensors.numpy import save_file
-
     with export_directory(out) as tmp:
         save_file({k: np.asarray(v) for k, v in arrays.items()}, str(tmp / ADAPTER_FILE))
-        save_yaml(config, str(tmp / EXPORT_CONFIG))
-        (tmp / EXPORT_METRICS).write_text(json.dumps(metrics, indent=2, default=float))
-        (tmp / "README.md").write_text(_instructions(out))
+        write_record(tmp, config, metrics)
+        (tmp / README_FILE).write_text(lora_readme(out))
     return out
-
-
-def _files(directory: Path) -> set[str]:
-    if not directory.is_dir():
-        return set()
-    return {str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir()}
-
-
-def check_export_target(out: str | os.PathLike) -> None:
-    """Checks that an export may be written to ``out``: it is absent, an empty directory
-    or a previous jaxpost export (which holds ``metrics.json`` and ``README.md``, as every
-    export does).
-
-    Raises:
-      ValueError: ``out`` is a file, or a non-empty directory that jaxpost did not write.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export directory {out} is a file: give a directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not ((out / EXPORT_METRICS).is_file() and (out / "README.md").is_file()):
-        raise ValueError(f"{out} is not empty and is not a jaxpost export (it lacks "
-                         f"{EXPORT_METRICS} and README.md): jaxpost replaces only its own "
-                         "exports; choose another --out, or empty it yourself")
-
-
-def _shareable(directory: Path) -> None:
-    """Gives an export the permissions of any file the user creates: the temporary files
-    and directory it was written through are private (0600 and 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def export_directory(out: str | os.PathLike) -> Iterator[Path]:
-    """Yields an empty temporary directory that replaces ``out`` once the body has filled it.
-
-    ``out`` is checked first (:func:`check_export_target`), so a directory jaxpost did not
-    write is never replaced. Files of a previous export that the new one does not write
-    again are named on stderr, since they are gone. On error ``out`` is left as it was.
-
-    Raises:
-      ValueError: from :func:`check_export_target`.
-    """
-    from jaxpost.cache import replacing_dir
-
-    out = Path(out)
-    check_export_target(out)
-    before = _files(out)
-    with replacing_dir(out) as tmp:
-        yield tmp
-        removed = sorted(before - _files(tmp))
-        _shareable(tmp)
-    if removed:
-        print(f"jaxpost: replaced the previous export in {out}; removed its files that the "
-              f"new export does not write: {', '.join(removed)}", file=sys.stderr, flush=True)

@@ -1,76 +1,35 @@
-"""Training configuration: one frozen, validated dataclass and the ways to build it.
-
-`ColabTrainingConfig` is the single source of truth for every setting. CLI overrides
-(`key=value`), YAML files and notebook keyword arguments all map onto its fields, and
-every path goes through `__post_init__`, so an invalid config cannot exist. Derived
-values (total steps, warmup steps, output sub-directories) are properties.
-"""
+"""The config's fields, their defaults and their validation (:class:`ColabTrainingConfig`)."""
 
 import dataclasses
-import difflib
 import math
-import os
 import re
-import tempfile
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-import yaml
-
+from jaxpost.rubrics import (  # noqa: F401  (re-exported)
+    AGGREGATIONS,
+    CATEGORIES,
+    DEFAULT_CATEGORY_WEIGHTS,
+)
+from jaxpost.config.choices import (
+    _MODEL_FORMS,
+    ALGORITHM_DEFAULTS,
+    ALGORITHMS,
+    CHAT_TEMPLATES,
+    DEFAULT_DATASET,
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_SYSTEM_PROMPT,
+    DTYPES,
+    JUDGE_KINDS,
+    MODEL_PREFIXES,
+    PPO_DEFAULTS,
+    REFERENCE_JUDGE,
+    RL_ALGORITHMS,
+)
 from jaxpost.rundir import RunDir
 
-# Rubric and judge vocabularies, here so that importing the config imports no JAX
-# (jaxpost.rubrics and jaxpost.judges use these).
-JUDGE_KINDS = ("model", "api", "lexical")
-REFERENCE_JUDGE = "reference"
-CATEGORIES = ("essential", "important", "optional", "pitfall")
-# RaR's own scale: Essential 5, Important 3-4, Optional 1-2, Pitfall -1 to -2.
-DEFAULT_CATEGORY_WEIGHTS = (5.0, 3.0, 1.0, 2.0)
-AGGREGATIONS = ("explicit", "implicit")
-
-DEFAULT_LORA_TARGETS = (
-    ".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
-    "|q_proj|k_proj|v_proj|o_proj)"
-)
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are given a problem. Think about it step by step and write your reasoning "
-    "between <reasoning> and </reasoning>. Then give only the final answer between "
-    "<answer> and </answer>."
-)
-
-# Model source prefixes (jaxpost.models.load_model reads this one list).
-MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle", "gguf")
-_MODEL_FORMS = ("embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, "
-                "kaggle:HANDLE, gguf:PATH")
-DTYPES = ("float32", "bfloat16")
-# The RL objective (see jaxpost.tunix_adapter.build_grpo_learner): GRPO and its relatives,
-# run by Tunix's GRPO-family learners, and PPO (Tunix's PPO learner, with a critic).
-RL_ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "ppo")
-# The training objective after the SFT warm-up: an RL algorithm, or DPO on preference
-# pairs (jaxpost.dpo).
-ALGORITHMS = (*RL_ALGORITHMS, "dpo")
-# Per algorithm: beta, epsilon and epsilon_high when the config leaves them None (DPO has
-# no ratio to clip: beta alone).
-ALGORITHM_DEFAULTS: dict[str, dict[str, float]] = {
-    "grpo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
-    "dapo": {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28},
-    "dr_grpo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
-    "gspo": {"beta": 0.0, "epsilon": 3e-4, "epsilon_high": 4e-4},
-    "rloo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
-    "ppo": {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2},
-    "dpo": {"beta": 0.1},
-}
-# PPO's own settings when the config leaves them None (critic_learning_rate None is the
-# policy's learning_rate); set with another algorithm, they are refused.
-PPO_DEFAULTS: dict[str, float | None] = {
-    "critic_learning_rate": None, "gamma": 1.0, "gae_lambda": 0.95, "value_clip": 0.2}
-# One-digit sums and differences: a task the 270M base model can get better at in minutes.
-DEFAULT_DATASET = ("reasoning-gym:basic_arithmetic#min_terms=2&max_terms=2&min_digits=1"
-                   "&max_digits=1&operators=+,-&allow_parentheses=false&allow_negation=false")
-CHAT_TEMPLATES = ("auto", "gemma", "chatml", "llama3", "none")
 _TAG_RE = re.compile(r"[A-Za-z0-9_-]+")
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _NONE = ("none", "null")
@@ -593,274 +552,3 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
     if not ok:
         raise bad
     return float(value) if base is float else value
-
-
-def _parse(name: str, text: str, tp: Any) -> Any:
-    """Convert the string `text` to annotation `tp`; ValueError names key and type."""
-    if _is_optional(tp) and text.strip().lower() in _NONE:
-        return None
-    base = _inner(tp)
-    try:
-        if typing.get_origin(base) is tuple:
-            elem = typing.get_args(base)[0]
-            return tuple(_parse(name, p.strip(), elem) for p in text.split(",") if p.strip())
-        if base is bool:
-            return _BOOLS[text.strip().lower()]
-        if base is int:
-            return int(text)
-        if base is float:
-            return float(text)
-        return text
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"cannot set {name}={text!r}: expected {_type_name(tp)}") from e
-
-
-def _check_key(key: str) -> Any:
-    """Annotation of field `key`; unknown keys fail with the closest valid name."""
-    if key in _FIELD_TYPES:
-        return _FIELD_TYPES[key]
-    close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(_FIELD_TYPES)}"
-    raise ValueError(f"unknown config key '{key}'; {hint}")
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Accept a value of the field's type or its string spelling (CLI, YAML 1.1 '3e-6')."""
-    tp = _check_key(key)
-    if isinstance(value, str) and _inner(tp) is not str:
-        return _parse(key, value, tp)
-    return value
-
-
-def apply_overrides(config: ColabTrainingConfig, overrides: list[str]) -> ColabTrainingConfig:
-    """Return a new config with `key=value` strings applied (later items win).
-
-    Values are parsed by the field's annotation: int, float, bool (true/false/1/0/yes/no),
-    str, "none"/"null" for optional fields, comma-separated lists for tuples. The result
-    is validated again via `dataclasses.replace`.
-    """
-    changes = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key=value")
-        key = key.strip()
-        changes[key] = _parse(key, text, _check_key(key))
-    return dataclasses.replace(config, **changes)
-
-
-def to_dict(config: ColabTrainingConfig) -> dict[str, Any]:
-    """Plain dict of every field (tuples become lists), safe for JSON and YAML."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def from_dict(d: Mapping[str, Any], base: ColabTrainingConfig | None = None) -> ColabTrainingConfig:
-    """Build a config from `d`, starting from `base` (default: the dataclass defaults).
-
-    Values may be of the field's type or strings in override syntax. Unknown keys raise
-    ValueError with the closest valid name.
-    """
-    if not isinstance(d, Mapping):
-        raise ValueError(f"config must be a mapping of keys to values, got {type(d).__name__}")
-    changes = {str(k): _coerce(str(k), v) for k, v in d.items()}
-    if base is None:
-        return ColabTrainingConfig(**changes)
-    return dataclasses.replace(base, **changes)
-
-
-def save_yaml(config: ColabTrainingConfig, path: str) -> None:
-    """Write `config` to `path` as YAML, atomically (temp file in the same dir + rename),
-    so a crash never leaves a half-written config next to a checkpoint."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(to_dict(config), fh, sort_keys=False, allow_unicode=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def load_yaml(path: str, base: ColabTrainingConfig | None = None) -> ColabTrainingConfig:
-    """Read a YAML mapping of config keys from `path` (see `from_dict`).
-
-    Errors are ValueError prefixed with the path.
-    """
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a YAML mapping of config keys, "
-                         f"got {type(data).__name__}")
-    try:
-        return from_dict(data, base)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-
-
-def default_config() -> ColabTrainingConfig:
-    """Embedded Gemma 3 270M on CPU, reasoning-gym arithmetic: an SFT warm-up, then GRPO.
-
-    The 270M model is pretrained, not instruction-tuned: asked a question it repeats the
-    prompt. 40 warm-up steps on demonstrations whose rationale is built from each task
-    entry's own expression (verified by the task) teach the answer format; then 8 GRPO
-    steps of 4 prompts x 4 completions on the task's reward, with no KL penalty (beta=0:
-    the reference would be the prompt-echoing base model) and a small learning rate
-    (larger ones lowered held-out accuracy; see docs/log.md). About 10 minutes on a
-    2-core CPU.
-
-    Reproduce: `jaxpost train --preset default`
-    """
-    return ColabTrainingConfig(sft_steps=40, sft_learning_rate=1e-3, sft_batch_size=8,
-                               beta=0.0, learning_rate=3e-5, batch_size=4,
-                               num_generations=4, num_batches=8)
-
-
-def smoke_config() -> ColabTrainingConfig:
-    """Tiny random model, 2 steps: exercises the whole pipeline in seconds (tests).
-
-    With `algorithm=dpo`, the pairs come from `self+demonstrations`: every sample of the
-    random model scores 0, so only the task's demonstrations give a preferred side.
-
-    Reproduce: `jaxpost train --preset smoke` (DPO: `--set algorithm=dpo`)
-    """
-    return ColabTrainingConfig(
-        model="random:gemma3-tiny", max_steps=2, batch_size=2, num_generations=2,
-        max_new_tokens=8, max_prompt_length=96, max_examples=16, eval_size=4,
-        save_interval_steps=1, output_dir="runs/smoke",
-        preference_data="self+demonstrations")
-
-
-def rubric_demo_config() -> ColabTrainingConfig:
-    """Embedded Gemma 3 270M on the shipped example rubrics, judged by itself (frozen).
-
-    Short science explanations; the reward is format plus the rubric reward (explicit
-    aggregation), with the run's frozen base model as the yes/no judge of each criterion.
-
-    Reproduce: `jaxpost train --preset rubric_demo`
-    """
-    return ColabTrainingConfig(
-        dataset="rubric-demo", max_examples=None, eval_size=2,
-        reward_functions=("format_exact", "format_approximate", "rubric"),
-        reward_weights=(0.5, 0.5, 2.0), judge="model", judge_model=REFERENCE_JUDGE,
-        max_prompt_length=128, max_new_tokens=96, judge_batch_size=16,
-        output_dir="runs/rubric_demo")
-
-
-def rubric_smoke_config() -> ColabTrainingConfig:
-    """rubric_demo on the tiny random model, 2 steps: the rubric pipeline in seconds (tests).
-
-    Reproduce: `jaxpost train --preset rubric_smoke`
-    """
-    return dataclasses.replace(
-        smoke_config(), dataset="rubric-demo", eval_size=2, max_examples=None,
-        reward_functions=("format_exact", "rubric"), judge="model",
-        judge_model=REFERENCE_JUDGE, judge_batch_size=8, max_prompt_length=128,
-        output_dir="runs/rubric_smoke")
-
-
-def colab_tpu_config() -> ColabTrainingConfig:
-    """Gemma 3 1B-IT from Kaggle on GSM8K, settings of Tunix's GRPO demo, Colab TPU v2-8.
-
-    The v2-8's eight cores (8 GiB each) form a mesh of fsdp=2 x tp=4.
-
-    Reproduce: `jaxpost train --preset colab_tpu`
-    """
-    return ColabTrainingConfig(
-        model="kaggle:google/gemma-3/flax/gemma3-1b-it", dtype="bfloat16", dataset="gsm8k",
-        max_examples=None, eval_size=100, lora_rank=64, lora_alpha=64.0,
-        num_generations=4, num_iterations=1, beta=0.08, epsilon=0.2, temperature=0.9,
-        top_k=50, top_p=1.0, max_prompt_length=256, max_new_tokens=768,
-        learning_rate=3e-6, warmup_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.99,
-        max_grad_norm=0.1, batch_size=1, num_batches=3738, save_interval_steps=500,
-        max_to_keep=4, save_to_drive=True, output_dir="runs/colab_tpu", mesh_fsdp=2, mesh_tp=4)
-
-
-def colab_tpu_v5e1_config() -> ColabTrainingConfig:
-    """colab_tpu on Colab's single-chip TPU v5e-1 (16 GiB): one device, no sharding.
-
-    Reproduce: `jaxpost train --preset colab_tpu_v5e1`
-    """
-    return dataclasses.replace(colab_tpu_config(), mesh_fsdp=1, mesh_tp=1,
-                               output_dir="runs/colab_tpu_v5e1")
-
-
-def kaggle_tpu_config() -> ColabTrainingConfig:
-    """colab_tpu on a Kaggle v5e-8: more memory allows 4 prompts per step; no Drive.
-
-    Reproduce: `jaxpost train --preset kaggle_tpu`
-    """
-    return dataclasses.replace(
-        colab_tpu_config(), save_to_drive=False, output_dir="/kaggle/working/jaxpost",
-        batch_size=4, mini_batch_size=4)
-
-
-def gpu_config() -> ColabTrainingConfig:
-    """colab_tpu's recipe on one GPU of about 16 GB (Colab or Kaggle T4): 512 new tokens.
-
-    Reproduce: `jaxpost train --preset gpu`
-    """
-    return dataclasses.replace(colab_tpu_config(), max_new_tokens=512, mesh_fsdp=1, mesh_tp=1,
-                               output_dir="runs/gpu")
-
-
-def cpu_config() -> ColabTrainingConfig:
-    """The default preset under its platform's name: embedded Gemma 3 270M, minutes on a CPU.
-
-    Reproduce: `jaxpost train --preset cpu`
-    """
-    return default_config()
-
-
-PRESETS: dict[str, Callable[[], ColabTrainingConfig]] = {
-    "default": default_config,
-    "smoke": smoke_config,
-    "rubric_demo": rubric_demo_config,
-    "rubric_smoke": rubric_smoke_config,
-    "colab_tpu": colab_tpu_config,
-    "colab_tpu_v5e1": colab_tpu_v5e1_config,
-    "kaggle_tpu": kaggle_tpu_config,
-    "gpu": gpu_config,
-    "cpu": cpu_config,
-}
-
-
-def get_preset(name: str) -> ColabTrainingConfig:
-    """Build the preset called `name`; unknown names fail with the closest match."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f" did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown preset '{name}';{hint} available: {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
-def describe(config: ColabTrainingConfig) -> str:
-    """Short multi-line summary for printing at the start of a run."""
-    c = config
-    return "\n".join([
-        f"model:    {c.model} ({c.dtype}, LoRA r={c.lora_rank} alpha={c.lora_alpha})",
-        f"dataset:  {c.dataset} (max_examples={c.max_examples}, eval_size={c.eval_size})",
-        *([f"SFT:      {c.sft_steps} steps of {c.sft_batch_size} demonstrations from "
-           f"{c.sft_data!r}, lr={c.sft_learning_rate:g}"] if c.sft_steps else []),
-        f"steps:    {c.total_steps} (warmup {c.warmup_steps}), batch_size={c.batch_size} prompts",
-        (f"DPO:      beta={c.kl_beta:g}, pairs from {c.preference_data!r}"
-         + (f" (G={c.num_generations})" if c.preference_data.startswith("self") else "")
-         if c.algorithm == "dpo" else
-         f"RL:       {c.algorithm} G={c.num_generations} mu={c.num_iterations} "
-         f"beta={c.kl_beta:g} epsilon=[{c.clip_low:g}, {c.clip_high:g}]"),
-        f"optim:    lr={c.learning_rate:g} max_new_tokens={c.max_new_tokens}",
-        *([f"rubric:   judge={c.judge} "
-           f"({c.judge_api_model if c.judge == 'api' else c.judge_model}), "
-           f"aggregation={c.rubric_aggregation}"] if "rubric" in c.reward_functions else []),
-        f"output:   {c.output_dir}",
-    ])

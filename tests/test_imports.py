@@ -1,0 +1,79 @@
+"""The package's modules import each other without a cycle.
+
+Every ``import`` counts, including those inside functions: a cycle hidden by a lazy
+import is still two modules that cannot be read, tested or changed apart.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import jaxpost
+
+PACKAGE = Path(jaxpost.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports anywhere in its code."""
+    files = {_module_name(f): f for f in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, file in files.items():
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from jaxpost import hub` imports the module jaxpost.hub.
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files
+                           else node.module for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in files and t not in (name, "jaxpost")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as ``[a, b, ..., a]``, or None when the graph has none."""
+    state: dict[str, str] = {}  # "open" while on the current path, then "done"
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_find_cycle_reports_a_cycle_and_accepts_a_tree():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_graph_sees_imports_inside_functions_and_from_the_package():
+    graph = import_graph()
+    assert len(graph) > 30
+    # jaxpost.models imports jaxpost.hub as `from jaxpost import ... hub`.
+    assert "jaxpost.hub" in graph["jaxpost.models"]
+    # jaxpost.cli imports the commands' modules inside its functions only.
+    assert "jaxpost.colab_pipeline" in graph["jaxpost.cli"]
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
