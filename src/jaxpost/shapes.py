@@ -217,7 +217,7 @@ def packed_rows(s: ModelShapes, rows: int, prompt: int, completion: int,
                 group: int) -> tuple[int, int]:
     """``(rows, seq)`` the layers process when G rows share a prompt (packed rows).
 
-    :func:`jaxpost.fast_logits._packing_group`'s rule: the largest divisor of ``group``
+    :func:`jaxpost.tunix_ext.logps._packing_group`'s rule: the largest divisor of ``group``
     whose packed row ``prompt + size * completion`` fits in the sliding window.
     """
     for size in range(group, 1, -1):
@@ -231,7 +231,7 @@ def logps_bytes(rows: int, completion: int, s: ModelShapes, itemsize: int, chunk
                 tp: int, kind: str, prompt: int = 0) -> int:
     """The log-probabilities of ``rows`` completions of ``completion`` tokens, with gradients.
 
-    Gemma 3 (chunked, :func:`jaxpost.fast_logits.completion_logps`): one chunk's
+    Gemma 3 (chunked, :func:`jaxpost.tunix_ext.logps.completion_logps`): one chunk's
     ``[vocab, chunk_rows]`` logits and probabilities in float32 (the vocabulary split over
     ``tp``), and the final hidden states with each position's hidden-state gradient; on a
     CPU a bfloat16 model's embedding is also copied to float32 for the products (twice).
