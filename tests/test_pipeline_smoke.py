@@ -49,7 +49,10 @@ def smoke_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke_run")
     config = dataclasses.replace(get_preset("smoke"), output_dir=str(out))
-    before = _live_bytes()  # arrays other tests left alive
+    # Arrays other tests left alive, held until the run's are measured: one of them freed
+    # meanwhile (a cache replaced by the run) would otherwise be taken off the run's bytes.
+    earlier = jax.live_arrays()
+    before = sum(a.nbytes for a in earlier)
     session = prepare_colab_session(config)
     base_before = [x.copy() for x in _arrays(session.loaded.model, nnx.Param)]
     lora_before = [x.copy() for x in _arrays(session.lora_model, nnx.LoRAParam)]
@@ -66,6 +69,7 @@ def smoke_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tunix_adapter._LoraTrainStep, "__call__", recorded_update)
         state = train_grpo(config, session)
+    del earlier
     return config, session, state, base_before, lora_before
 
 
