@@ -29,6 +29,26 @@ from jaxpost.tunix_ext.losses import dpo_loss_chunked
 from jaxpost.tunix_ext.train_step import keep_frozen_weights_in_place
 
 
+def _training_options(prefix: str, max_steps: int, checkpoint_dir: str, tensorboard_dir: str,
+                      save_interval_steps: int, max_to_keep: int,
+                      metric_backends) -> dict:
+    """The settings the SFT and DPO trainers share: checkpoints every
+    ``save_interval_steps``, metrics under ``<prefix>/`` to TensorBoard and jaxpost's
+    backends, no evaluation and no progress bar."""
+    return dict(
+        eval_every_n_steps=10**9,
+        max_steps=max_steps,
+        checkpoint_root_directory=checkpoint_dir,
+        checkpointing_options=ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps, max_to_keep=max_to_keep),
+        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+            log_dir=tensorboard_dir, flush_every_n_steps=1,
+            backend_kwargs={"custom_backend": list(metric_backends)}),
+        metrics_prefix=prefix,
+        pbar_description=None,
+    )
+
+
 def build_sft_trainer(model: nnx.Module, optimizer: optax.GradientTransformation, *,
                       checkpoint_dir: str, tensorboard_dir: str, max_steps: int,
                       save_interval_steps: int, max_to_keep: int,
@@ -42,18 +62,9 @@ def build_sft_trainer(model: nnx.Module, optimizer: optax.GradientTransformation
     step updates only the LoRA weights
     (:func:`jaxpost.tunix_ext.train_step.keep_frozen_weights_in_place`).
     """
-    training = peft_trainer.TrainingConfig(
-        eval_every_n_steps=10**9,
-        max_steps=max_steps,
-        checkpoint_root_directory=checkpoint_dir,
-        checkpointing_options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_interval_steps, max_to_keep=max_to_keep),
-        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
-            log_dir=tensorboard_dir, flush_every_n_steps=1,
-            backend_kwargs={"custom_backend": list(metric_backends)}),
-        metrics_prefix="sft",
-        pbar_description=None,
-    )
+    training = peft_trainer.TrainingConfig(**_training_options(
+        "sft", max_steps, checkpoint_dir, tensorboard_dir, save_interval_steps, max_to_keep,
+        metric_backends))
     trainer = peft_trainer.PeftTrainer(model, optimizer, training)
     trainer.with_loss_fn(loss_fn)
     keep_frozen_weights_in_place(trainer)
@@ -140,20 +151,9 @@ def build_dpo_trainer(model: nnx.Module, reference: nnx.Module,
     (:func:`jaxpost.tunix_ext.train_step.keep_frozen_weights_in_place`). Its ``chunked``
     attribute says whether the log-probs are jaxpost's chunked ones.
     """
-    training = dpo_trainer.DPOTrainingConfig(
-        algorithm="dpo",
-        beta=beta,
-        eval_every_n_steps=10**9,
-        max_steps=max_steps,
-        checkpoint_root_directory=checkpoint_dir,
-        checkpointing_options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_interval_steps, max_to_keep=max_to_keep),
-        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
-            log_dir=tensorboard_dir, flush_every_n_steps=1,
-            backend_kwargs={"custom_backend": list(metric_backends)}),
-        metrics_prefix="dpo",
-        pbar_description=None,
-    )
+    training = dpo_trainer.DPOTrainingConfig(algorithm="dpo", beta=beta, **_training_options(
+        "dpo", max_steps, checkpoint_dir, tensorboard_dir, save_interval_steps, max_to_keep,
+        metric_backends))
     trainer = _DPOTrainer(model, reference, optimizer, training, pad_id=pad_id)
     keep_frozen_weights_in_place(trainer)
     return trainer
