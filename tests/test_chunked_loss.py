@@ -82,6 +82,17 @@ def test_chunked_loss_matches_tunix(policy, beta, temperature):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
 
 
+def _assert_same_loss_and_grads(ours_fn, tunix_fn, model, example, config):
+    """jaxpost's loss equals Tunix's in value and gradient, and neither is trivially zero."""
+    ours, our_grads = _loss_and_grad(ours_fn, model, example, config)
+    tunix, tunix_grads = _loss_and_grad(tunix_fn, model, example, config)
+    assert ours == pytest.approx(tunix, rel=1e-4, abs=1e-6)
+    assert abs(tunix) > 1e-3
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in tunix_grads)
+    for a, b in zip(our_grads, tunix_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("algorithm", [a for a in RL_ALGORITHMS if a != "ppo"])
 def test_chunked_loss_matches_tunix_for_each_algorithm(policy, algorithm):
     """Each algorithm's Tunix config (aggregation, upper clip, GSPO's sequence ratio),
@@ -98,13 +109,8 @@ def test_chunked_loss_matches_tunix_for_each_algorithm(policy, algorithm):
     rng = np.random.default_rng(1)
     noise = rng.normal(0, 2 * run.clip_high, current.shape).astype(np.float32)
     example = dataclasses.replace(example, old_per_token_logps=current + noise)
-    ours, our_grads = _loss_and_grad(grpo_loss_chunked, model, example, config)
-    tunix, tunix_grads = _loss_and_grad(algo_core.grpo_loss_fn, model, example, config)
-    assert ours == pytest.approx(tunix, rel=1e-4, abs=1e-6)
-    assert abs(tunix) > 1e-3
-    assert any(np.abs(np.asarray(g)).max() > 0 for g in tunix_grads)
-    for a, b in zip(our_grads, tunix_grads):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
+    _assert_same_loss_and_grads(grpo_loss_chunked, algo_core.grpo_loss_fn, model, example,
+                                config)
 
 
 @pytest.mark.parametrize("epsilon_c", [None, 3.0])
@@ -121,13 +127,8 @@ def test_chunked_ppo_loss_matches_tunix(policy, epsilon_c):
     advantages = rng.normal(0, 1, current.shape).astype(np.float32)
     example = dataclasses.replace(example, old_per_token_logps=current + noise,
                                   advantages=jnp.asarray(advantages))
-    ours, our_grads = _loss_and_grad(ppo_loss_chunked, model, example, config)
-    tunix, tunix_grads = _loss_and_grad(algo_core.ppo_policy_loss_fn, model, example, config)
-    assert ours == pytest.approx(tunix, rel=1e-4, abs=1e-6)
-    assert abs(tunix) > 1e-3
-    assert any(np.abs(np.asarray(g)).max() > 0 for g in tunix_grads)
-    for a, b in zip(our_grads, tunix_grads):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
+    _assert_same_loss_and_grads(ppo_loss_chunked, algo_core.ppo_policy_loss_fn, model, example,
+                                config)
 
 
 def test_chunked_logps_match_full_logits(policy):
