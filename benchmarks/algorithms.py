@@ -72,7 +72,7 @@ def main() -> None:
     )
     from jaxpost.config import apply_overrides, get_preset, to_dict
     from jaxpost.evaluate import evaluate
-    from jaxpost.models import load_model
+    from jaxpost.models.loading import load_model
 
     out = Path(args.out or tempfile.mkdtemp(prefix="jaxpost-algorithms-"))
     config = apply_overrides(get_preset(args.preset), args.set)

@@ -66,7 +66,7 @@ def trl_workload(config, session, tmp: Path, steps: int) -> dict:
     from jaxpost.config import to_dict
     from jaxpost.export import lora_arrays
     from jaxpost.hf_export import peft_target_modules, peft_tensors, write_hf_model
-    from jaxpost.models import count_params
+    from jaxpost.models.loading import count_params
 
     loaded = session.loaded
     hf_dir = write_hf_model(loaded, tmp / "model")

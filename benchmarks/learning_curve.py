@@ -52,7 +52,7 @@ def main() -> None:
         train_sft,
     )
     from jaxpost.config import apply_overrides, get_preset
-    from jaxpost.data import load_examples
+    from jaxpost.data.datasets import load_examples
     from jaxpost.evaluate import evaluate
 
     out = Path(args.out or tempfile.mkdtemp(prefix="jaxpost-curve-"))

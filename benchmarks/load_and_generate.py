@@ -25,7 +25,7 @@ def main() -> None:
     if not args.cached:
         os.environ["JAXPOST_CACHE"] = tempfile.mkdtemp(prefix="jaxpost-cache-")
 
-    from jaxpost.models import embedded_model_dir, load_model
+    from jaxpost.models.loading import embedded_model_dir, load_model
     from jaxpost.sampling import generate, make_sampler
 
     if not args.cached:

@@ -43,9 +43,9 @@ def main() -> None:
     ap.add_argument("--model", default="embedded:gemma3-270m", help="the model judge's source")
     args = ap.parse_args()
 
-    from jaxpost.judges import LexicalJudge, ModelJudge
-    from jaxpost.prompts import resolve_chat_template
-    from jaxpost.rubrics import CriterionQuery, demo_rubrics_path, parse_rubric
+    from jaxpost.rewards.judges import LexicalJudge, ModelJudge
+    from jaxpost.data.prompts import resolve_chat_template
+    from jaxpost.rewards.rubrics import CriterionQuery, demo_rubrics_path, parse_rubric
 
     rubrics = {}
     for line in demo_rubrics_path().read_text().splitlines():
@@ -67,7 +67,7 @@ def main() -> None:
         if name == "lexical":
             judge = LexicalJudge()
         elif name == "model":
-            from jaxpost.models import load_model
+            from jaxpost.models.loading import load_model
 
             loaded = load_model(args.model, show_progress=False)
             judge = ModelJudge(loaded, resolve_chat_template(args.model), batch_size=16)

@@ -112,7 +112,7 @@ def run(workload: dict[str, Any]) -> dict[str, Any]:
     import trl
 
     from jaxpost.config import from_dict
-    from jaxpost.rewards import create_reward_functions
+    from jaxpost.rewards.registry import create_reward_functions
 
     class StepTimer(transformers.TrainerCallback):
         """Wall time of each optimizer step, rollout included, and TRL's logs."""

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost import fast_logits
-
 VOCAB, EMBED, POSITIONS, CHUNK = 262_144, 640, 512, 64
 
 

@@ -13,7 +13,7 @@ SHARED = REPO.parent / "shared"
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded model (first use converts the GGUF into the jaxpost cache)."""
-    from jaxpost.models import load_model
+    from jaxpost.models.loading import load_model
 
     return load_model("embedded:gemma3-270m", show_progress=False)
 

@@ -31,11 +31,13 @@ SCRIPT = textwrap.dedent(r"""
     from tunix.rl import common as rl_common
     from tunix.utils import sharding_utils
 
-    from jaxpost import fast_logits, hub
+    from jaxpost import fast_logits
+
+    from jaxpost.models import hub
     from jaxpost.tunix_ext import losses
     from jaxpost.colab_pipeline import prepare_colab_session, train_grpo
     from jaxpost.config import get_preset
-    from jaxpost.models import embedded_model_dir
+    from jaxpost.models.loading import embedded_model_dir
 
     preset, cache_dir, out_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     assert len(jax.devices()) == 8, jax.devices()

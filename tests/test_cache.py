@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxpost import cache
-
-
+from jaxpost.runtime import cache
 def _build(entry):
     with cache.building_entry(entry) as tmp:
         (tmp / "a.bin").write_bytes(b"x" * 1000)

@@ -15,8 +15,8 @@ from tunix.rl.grpo.grpo_learner import GRPOConfig
 from jaxpost import fast_logits
 from jaxpost.config import RL_ALGORITHMS, ColabTrainingConfig
 from jaxpost.fast_logits import completion_logps, prompt_group_size
-from jaxpost.lora import apply_lora
-from jaxpost.models import load_model
+from jaxpost.models.lora import apply_lora
+from jaxpost.models.loading import load_model
 from jaxpost.tunix_ext.logps import _packing_group
 from jaxpost.tunix_adapter import (grpo_loss_chunked, ppo_algorithm_config, ppo_loss_chunked,
                                    rl_algorithm_config)
@@ -184,8 +184,8 @@ def test_recomputed_layers_keep_less_memory():
     from tunix.models.gemma3 import model as gemma3
 
     from jaxpost.fast_logits import enable
-    from jaxpost.mesh import make_mesh
-    from jaxpost.models import tiny_gemma3_config
+    from jaxpost.runtime.mesh import make_mesh
+    from jaxpost.models.loading import tiny_gemma3_config
 
     cfg = dataclasses.replace(tiny_gemma3_config(512, jnp.float32), num_layers=4, hidden_dim=512)
     base = gemma3.Gemma3(cfg, rngs=nnx.Rngs(0))

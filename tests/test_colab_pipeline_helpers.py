@@ -12,7 +12,7 @@ import pytest
 from jaxpost import colab_pipeline
 from jaxpost.colab_pipeline import (create_reward_functions, format_prompt, get_preset,
                                     prepare_datasets)
-from jaxpost.prompts import PromptFormat, system_text
+from jaxpost.data.prompts import PromptFormat, system_text
 
 QUESTION = "What is 7 + 5?"
 
@@ -111,7 +111,7 @@ def test_rubric_is_left_out_unless_the_config_shows_it():
 
 
 def test_malformed_rubric_is_refused(smoke):
-    from jaxpost.rubrics import MalformedRubric
+    from jaxpost.rewards.rubrics import MalformedRubric
 
     config = dataclasses.replace(smoke, rubric_in_prompt=True)
     with pytest.raises(MalformedRubric):
@@ -121,7 +121,7 @@ def test_malformed_rubric_is_refused(smoke):
 def test_prompt_format_gives_the_same_text(smoke):
     fmt = PromptFormat.from_config(smoke)
     assert fmt.template == "gemma"
-    from jaxpost.prompts import format_prompt as format_with
+    from jaxpost.data.prompts import format_prompt as format_with
 
     assert format_with(QUESTION, fmt) == format_prompt(QUESTION, smoke)
     assert format_with(QUESTION, smoke) == format_prompt(QUESTION, smoke)
@@ -230,7 +230,7 @@ def test_rewards_refuse_unknown_names(smoke):
 
 
 def test_chat_prompt_takes_a_prompt_format():
-    from jaxpost.prompts import format_prompt as format_with
+    from jaxpost.data.prompts import format_prompt as format_with
     from jaxpost.sampling import chat_prompt
 
     fmt = PromptFormat("chatml", "Answer in <{answer_tag}> tags.", "think", "final")

@@ -244,7 +244,7 @@ def test_describe_mentions_key_settings():
 
 
 def test_every_model_source_form_load_model_takes_is_accepted():
-    """One list of prefixes: the config accepts what jaxpost.models.load_model loads."""
+    """One list of prefixes: the config accepts what jaxpost.models.loading.load_model loads."""
     assert ColabTrainingConfig(model="gguf:/models/tiny.gguf").model == "gguf:/models/tiny.gguf"
     with pytest.raises(ValueError, match="gguf:PATH"):
         ColabTrainingConfig(model="s3:bucket/model")

@@ -12,7 +12,7 @@ import types
 import pytest
 import yaml
 
-from jaxpost.credentials import (
+from jaxpost.runtime.credentials import (
     MASK,
     Credentials,
     Secret,
@@ -225,7 +225,6 @@ def test_redact_hides_known_secrets_longest_first(monkeypatch):
 def test_cli_error_output_is_redacted(monkeypatch, capsys):
     """An error quoting the token (as a hub client's might) prints it masked."""
     from jaxpost import cli
-
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETclierror")
 
     def failing(args):

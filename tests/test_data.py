@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from jaxpost.data import (
+from jaxpost.data.datasets import (
     DatasetSpec,
     load_examples,
     num_train_batches,
@@ -115,7 +115,7 @@ def test_gsm8k_jsonl_skips_malformed_rows(tmp_path, caplog, capsys):
             "",
         ],
     )
-    with caplog.at_level(logging.WARNING, logger="jaxpost.data"):
+    with caplog.at_level(logging.WARNING, logger="jaxpost.data.datasets"):
         examples = load_examples(f"gsm8k:{path}", seed=0)
 
     by_question = {e["question"]: e for e in examples}
@@ -124,7 +124,7 @@ def test_gsm8k_jsonl_skips_malformed_rows(tmp_path, caplog, capsys):
     assert by_question["How much money?"]["solution"] == "It is 1,000 + 234 = 1234."
     assert by_question["How many?"]["answer"] == "7"
 
-    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxpost.data"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxpost.data.datasets"]
     assert len(warnings) == 1
     message = warnings[0]
     assert "skipped 4 of 6 rows" in message
@@ -135,9 +135,9 @@ def test_gsm8k_jsonl_skips_malformed_rows(tmp_path, caplog, capsys):
 
 def test_no_warning_when_nothing_is_skipped(tmp_path, caplog):
     path = write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "answer": "#### 1"}])
-    with caplog.at_level(logging.WARNING, logger="jaxpost.data"):
+    with caplog.at_level(logging.WARNING, logger="jaxpost.data.datasets"):
         load_examples(f"gsm8k:{path}", seed=0)
-    assert not [r for r in caplog.records if r.name == "jaxpost.data"]
+    assert not [r for r in caplog.records if r.name == "jaxpost.data.datasets"]
 
 
 def test_real_gsm8k_test_split():
@@ -318,7 +318,7 @@ def test_prepare_datasets_makes_columns_batchable(tmp_path, caplog):
         for i in range(12)
     ]
     path = write_jsonl(tmp_path / "extra.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="jaxpost.data"):
+    with caplog.at_level(logging.WARNING, logger="jaxpost.data.datasets"):
         train, _ = prepare_datasets(make_config(f"jsonl:{path}", eval_size=2, num_batches=2))
     batch = next(iter(train))
     assert set(batch) == {"prompts", "question", "answer", "tags"}

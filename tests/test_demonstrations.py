@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jaxpost.config import DEFAULT_DATASET
-from jaxpost.demonstrations import (
+from jaxpost.data.demonstrations import (
     RATIONALE_BUILDERS,
     Demonstration,
     check_sft_data_spec,
@@ -19,7 +19,7 @@ from jaxpost.demonstrations import (
     load_demonstrations,
     strip_calculator_notes,
 )
-from jaxpost.rewards import extract_answer, format_exact
+from jaxpost.rewards.registry import extract_answer, format_exact
 
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -37,7 +37,7 @@ def well_formed(demos, reasoning_tag="reasoning", answer_tag="answer"):
 
 
 def skip_message(caplog):
-    [record] = [r for r in caplog.records if r.name == "jaxpost.demonstrations"]
+    [record] = [r for r in caplog.records if r.name == "jaxpost.data.demonstrations"]
     return record.getMessage()
 
 
@@ -95,8 +95,8 @@ def test_strip_calculator_notes():
 
 
 def test_auto_on_the_default_dataset_gives_verified_arithmetic():
-    from jaxpost.data import load_examples
-    from jaxpost.rewards import reasoning_gym
+    from jaxpost.data.datasets import load_examples
+    from jaxpost.rewards.registry import reasoning_gym
 
     demos = load_demonstrations("auto", dataset=DEFAULT_DATASET, seed=0, max_examples=64)
     examples = load_examples(DEFAULT_DATASET, seed=0, max_examples=64)
@@ -120,7 +120,7 @@ def test_rationales_that_miss_the_reference_are_dropped(caplog):
     references; those demonstrations are dropped, never given a wrong rationale."""
     spec = ("reasoning-gym:basic_arithmetic#operators=+,*&allow_parentheses=false"
             "&min_terms=3&max_terms=3&min_digits=1&max_digits=1")
-    with caplog.at_level(logging.WARNING, logger="jaxpost.demonstrations"):
+    with caplog.at_level(logging.WARNING, logger="jaxpost.data.demonstrations"):
         demos = load_demonstrations(spec, dataset=DEFAULT_DATASET, seed=0, max_examples=40)
     message = skip_message(caplog)
     assert "another value than the reference" in message
@@ -143,7 +143,7 @@ def test_the_task_verifier_has_the_last_word(monkeypatch):
             return 0.0
         return score
 
-    monkeypatch.setattr("jaxpost.rewards._reasoning_gym_scorer", reject)
+    monkeypatch.setattr("jaxpost.rewards.registry._reasoning_gym_scorer", reject)
     with pytest.raises(ValueError, match="no usable demonstrations: 8 rejected by the task's "
                                          "verifier"):
         load_demonstrations("auto", dataset=DEFAULT_DATASET, seed=0, max_examples=8)
@@ -165,7 +165,7 @@ def test_task_without_a_rationale_builder_fails_before_generating(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("examples were loaded")
 
-    monkeypatch.setattr("jaxpost.data.load_examples", boom)
+    monkeypatch.setattr("jaxpost.data.datasets.load_examples", boom)
     with pytest.raises(ValueError, match="leg_counting.*no rationale builder") as info:
         check_sft_data_spec("reasoning-gym:leg_counting")
     for name in (*RATIONALE_BUILDERS, "sft-jsonl:PATH"):
@@ -203,7 +203,7 @@ def test_gsm8k_file_skips_rows_without_a_usable_solution(tmp_path, caplog):
         {"question": "What is 3 + 3?", "answer": "<<3+3=6>>\n#### 6"},         # notes only
         {"question": "What is 4 + 4?", "answer": "Put it in <answer>8</answer>\n#### 8"},
     ])
-    with caplog.at_level(logging.WARNING, logger="jaxpost.demonstrations"):
+    with caplog.at_level(logging.WARNING, logger="jaxpost.data.demonstrations"):
         demos = load_demonstrations(f"gsm8k:{path}", dataset=DEFAULT_DATASET, seed=0)
     assert demos == [Demonstration("What is 2 + 3?",
                                    "<reasoning>2 + 3 = 5</reasoning>\n<answer>5</answer>", "5")]
@@ -275,7 +275,7 @@ def test_sft_jsonl_keeps_well_formed_completions(tmp_path, caplog):
         {"prompt": "What is 7 + 7?"},                                               # no target
         "not json",
     ])
-    with caplog.at_level(logging.WARNING, logger="jaxpost.demonstrations"):
+    with caplog.at_level(logging.WARNING, logger="jaxpost.data.demonstrations"):
         demos = load_demonstrations(f"sft-jsonl:{path}#question=prompt&completion=target",
                                     dataset=DEFAULT_DATASET, seed=0)
     assert sorted(demos, key=lambda d: d.answer) == [

@@ -20,9 +20,9 @@ from tunix.sft.dpo import dpo_trainer
 from jaxpost import tunix_adapter
 from jaxpost.config import get_preset
 from jaxpost.dpo import preference_batches, tokenize_pairs
-from jaxpost.lora import apply_lora
-from jaxpost.models import load_model
-from jaxpost.preferences import PreferencePair
+from jaxpost.models.lora import apply_lora
+from jaxpost.models.loading import load_model
+from jaxpost.data.preferences import PreferencePair
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_self_pairs_need_samples_that_score_differently(tmp_path):
     """The random model's samples all score 0: "self" finds no preference and says what
     to change, where "self+demonstrations" pairs each demonstration with a sample."""
     from jaxpost.colab_pipeline import prepare_colab_session
-    from jaxpost.demonstrations import load_demonstrations
+    from jaxpost.data.demonstrations import load_demonstrations
     from jaxpost.dpo import sample_self_pairs
     from jaxpost.train import train_grpo
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxpost.config import get_preset
-from jaxpost.prompts import format_prompt, jinja_chat_template, system_text
+from jaxpost.data.prompts import format_prompt, jinja_chat_template, system_text
 from test_hf_export import logits_of
 
 QUESTIONS = ["What is 7 + 5?", "  Tom has 3 apples and buys 4 more.  How many does he have?\n"]
@@ -24,7 +24,7 @@ QUESTIONS = ["What is 7 + 5?", "  Tom has 3 apples and buys 4 more.  How many do
 def trained(embedded):
     """The embedded model with small random adapters, as a run of the default preset."""
     from jaxpost.export import lora_arrays, set_lora_arrays
-    from jaxpost.lora import apply_lora
+    from jaxpost.models.lora import apply_lora
 
     config = get_preset("default")
     model = apply_lora(embedded.model, embedded.mesh, rank=config.lora_rank,

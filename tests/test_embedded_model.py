@@ -10,8 +10,8 @@ from pathlib import Path
 
 from flax import nnx
 
-from jaxpost import cache
-from jaxpost.models import embedded_model_dir, load_model
+from jaxpost.runtime import cache
+from jaxpost.models.loading import embedded_model_dir, load_model
 from jaxpost.sampling import generate
 from jaxpost.scoring import mean_token_loss
 
@@ -87,8 +87,8 @@ def test_sharded_mesh_gives_same_greedy_tokens(embedded):
     """A 2x2 mesh over 4 simulated CPU devices decodes exactly like one device."""
     script = textwrap.dedent("""
         import jax
-        from jaxpost.models import load_model
-        from jaxpost.mesh import make_mesh
+        from jaxpost.models.loading import load_model
+        from jaxpost.runtime.mesh import make_mesh
         from jaxpost.sampling import generate
         assert len(jax.devices()) == 4, jax.devices()
         prompts = ["Question: What is 2 + 3?\\nAnswer:", "The capital of France is"]

@@ -68,7 +68,7 @@ def test_score_completions_on_hand_written_completions():
 
 
 def test_score_completions_uses_the_reasoning_gym_verifier():
-    from jaxpost.data import load_examples
+    from jaxpost.data.datasets import load_examples
 
     [example] = load_examples("reasoning-gym:basic_arithmetic#min_terms=2&max_terms=2"
                               "&min_digits=1&max_digits=1&operators=+", seed=3, max_examples=1)
@@ -82,7 +82,7 @@ def test_score_completions_uses_the_reasoning_gym_verifier():
 
 def test_score_completions_counts_an_echo_as_unformatted_given_the_prompt():
     from jaxpost.config import ColabTrainingConfig
-    from jaxpost.prompts import format_prompt
+    from jaxpost.data.prompts import format_prompt
 
     example = {"question": "Calculate 4 - 1.", "answer": "3"}
     prompt = format_prompt(example["question"], ColabTrainingConfig(), template="gemma")
@@ -121,7 +121,7 @@ def test_token_counts_and_truncation(embedded_tokenizer):
 
 @pytest.fixture(scope="module")
 def embedded_tokenizer():
-    from jaxpost.models import embedded_model_dir, load_sentencepiece
+    from jaxpost.models.loading import embedded_model_dir, load_sentencepiece
 
     return load_sentencepiece(embedded_model_dir(show_progress=False) / "tokenizer.model")
 
@@ -221,8 +221,8 @@ def tiny_export(tmp_path_factory):
     """A LoRA export for random:gemma3-tiny with non-zero adapters."""
     from jaxpost.config import get_preset
     from jaxpost.export import export_lora, lora_arrays, set_lora_arrays
-    from jaxpost.lora import apply_lora
-    from jaxpost.models import load_model
+    from jaxpost.models.lora import apply_lora
+    from jaxpost.models.loading import load_model
 
     out = tmp_path_factory.mktemp("tiny_export")
     config = dataclasses.replace(get_preset("smoke"), output_dir=str(out / "run"))
@@ -236,7 +236,7 @@ def tiny_export(tmp_path_factory):
 
 
 def test_evaluate_and_compare_with_the_tiny_model(qa_file, tiny_export, tmp_path, capsys):
-    from jaxpost.models import load_model
+    from jaxpost.models.loading import load_model
 
     data = f"jsonl:{qa_file}"
     # The base weights the export was trained on: a random model's weights follow its seed.

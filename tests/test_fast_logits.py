@@ -11,7 +11,7 @@ from tunix.generate import utils as sampler_utils
 from tunix.models.gemma3 import model as gemma3
 
 from jaxpost.fast_logits import Gemma3TrimmedLogits, expected_embedding, unembed_last_position
-from jaxpost.models import load_model
+from jaxpost.models.loading import load_model
 
 
 @pytest.mark.parametrize("vocab", [1000, 999])
@@ -69,7 +69,7 @@ def _tunix_and_jaxpost_samplers():
     tiny Gemma 3 with non-zero LoRA adapters."""
     from flax import nnx
 
-    from jaxpost.lora import apply_lora
+    from jaxpost.models.lora import apply_lora
     from jaxpost.sampling import make_sampler
 
     loaded = load_model("random:gemma3-tiny", seed=0)
@@ -285,7 +285,7 @@ def test_kernel_first_mlp_equals_tunix_mlp_with_lora():
     from flax import nnx
 
     from jaxpost.fast_logits import DecodingFeedForward
-    from jaxpost.lora import apply_lora
+    from jaxpost.models.lora import apply_lora
 
     loaded = load_model("random:gemma3-tiny", seed=0)
     model = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)
@@ -322,7 +322,7 @@ def test_kernel_first_attention_projections_equal_tunix_with_lora(batch):
     from flax import nnx
 
     from jaxpost.tunix_ext.decoding_layers import _values_transposed
-    from jaxpost.lora import apply_lora
+    from jaxpost.models.lora import apply_lora
 
     loaded = load_model("random:gemma3-tiny", seed=0)
     model = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)

@@ -12,8 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from jaxpost import cache, gguf_export, gguf_import, hf_export
-from jaxpost.models import load_model
+from jaxpost import gguf_export, hf_export
+
+from jaxpost.runtime import cache
+
+from jaxpost.models import gguf as gguf_import
+from jaxpost.models.loading import load_model
 from test_hf_export import ALPHA, logits_of, run_config, tiny_lora_setup
 
 TEXTS = ["Calculate 3 + 4. <reasoning>3 plus 4</reasoning><answer>7</answer>",
@@ -49,7 +53,7 @@ def test_generate_chats_with_a_gguf_export_in_its_runs_prompt_format(tiny, expor
     """``jaxpost generate "..." --chat --model gguf:FILE``, as the export's README says:
     the run's system prompt and template, and nothing but the completion on stdout."""
     from jaxpost import cli
-    from jaxpost.prompts import format_prompt
+    from jaxpost.data.prompts import format_prompt
     from jaxpost.sampling import chat_prompt, generate
 
     monkeypatch.setenv("JAXPOST_CACHE", str(gguf_cache))
@@ -75,7 +79,7 @@ def test_generate_chats_with_a_gguf_export_in_its_runs_prompt_format(tiny, expor
 
 
 def test_f16_loads_back_through_the_gguf_source(tiny, exports, gguf_cache, monkeypatch):
-    from jaxpost.prompts import system_text
+    from jaxpost.data.prompts import system_text
 
     loaded, _, want = tiny
     out = exports["f16"]
@@ -126,7 +130,7 @@ def test_q8_0_metadata_and_logits(tiny, exports, tmp_path):
             f("tokenizer.ggml.padding_token_id")) == (sp.bos_id(), sp.eos_id(), sp.pad_id())
     # The prompt format (without a run's config: Gemma's, no system prompt) and the
     # special tokens llama.cpp needs to hold a chat.
-    from jaxpost.prompts import jinja_chat_template
+    from jaxpost.data.prompts import jinja_chat_template
 
     assert f("tokenizer.chat_template") == jinja_chat_template("gemma", "")
     eot = sp.piece_to_id("<end_of_turn>")

@@ -18,9 +18,9 @@ from safetensors.numpy import load_file
 
 from jaxpost import hf_export
 from jaxpost.export import lora_arrays, set_lora_arrays
-from jaxpost.lora import apply_lora
-from jaxpost.mesh import use_mesh
-from jaxpost.models import load_model
+from jaxpost.models.lora import apply_lora
+from jaxpost.runtime.mesh import use_mesh
+from jaxpost.models.loading import load_model
 
 RANK, ALPHA = 4, 8.0
 IDS = [2, 818, 5279, 529, 7001, 563, 236743, 236832, 900, 107, 105, 2364]
@@ -167,7 +167,7 @@ def test_exports_carry_the_tokenizer_and_the_runs_prompt_format(tiny, peft_dir, 
     chat template with the run's system prompt, the end-of-turn ids."""
     import tokenizers
 
-    from jaxpost.prompts import format_prompt, jinja_chat_template, system_text
+    from jaxpost.data.prompts import format_prompt, jinja_chat_template, system_text
 
     loaded = tiny[0]
     config = run_config()
@@ -317,7 +317,7 @@ def fake_hub():
 
 def test_push_to_hub_creates_a_private_repo_and_uploads_every_file(peft_dir, fake_hub,
                                                                    monkeypatch, capsys):
-    monkeypatch.setenv("HF_TOKEN", "hf_writeTOKEN123")  # read through jaxpost.credentials
+    monkeypatch.setenv("HF_TOKEN", "hf_writeTOKEN123")  # read through jaxpost.runtime.credentials
     url = hf_export.push_to_hub(peft_dir, "me/run", endpoint=fake_hub)
     assert url == f"{fake_hub}/me/run"
     paths = [c[0] for c in _FakeHub.calls if c[0] != "/api/validate-yaml"]

@@ -7,9 +7,16 @@ import is still two modules that cannot be read, tested or changed apart.
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
+import inspect
+import sys
 from pathlib import Path
 
+import pytest
+
 import jaxpost
+from jaxpost import _renamed
 
 PACKAGE = Path(jaxpost.__file__).parent
 
@@ -17,6 +24,11 @@ PACKAGE = Path(jaxpost.__file__).parent
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _packages_above(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
@@ -28,11 +40,14 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                # `from jaxpost import hub` imports the module jaxpost.hub.
+                # `from jaxpost.models import hub` imports the module jaxpost.models.hub.
                 targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files
                            else node.module for a in node.names]
             else:
                 continue
+            # Importing jaxpost.models.hub first runs the package jaxpost.models.
+            targets += [parent for t in targets for parent in _packages_above(t)
+                        if not name.startswith(parent + ".")]
             graph[name] |= {t for t in targets if t in files and t not in (name, "jaxpost")}
     return graph
 
@@ -68,8 +83,10 @@ def test_find_cycle_reports_a_cycle_and_accepts_a_tree():
 def test_the_graph_sees_imports_inside_functions_and_from_the_package():
     graph = import_graph()
     assert len(graph) > 30
-    # jaxpost.models imports jaxpost.hub as `from jaxpost import ... hub`.
-    assert "jaxpost.hub" in graph["jaxpost.models"]
+    # jaxpost.models.loading imports jaxpost.models.hub as `from jaxpost.models import hub`.
+    assert "jaxpost.models.hub" in graph["jaxpost.models.loading"]
+    # jaxpost.data.datasets imports jaxpost.rewards.rubrics, which runs jaxpost.rewards.
+    assert {"jaxpost.rewards.rubrics", "jaxpost.rewards"} <= graph["jaxpost.data.datasets"]
     # jaxpost.cli imports the commands' modules inside its functions only.
     assert "jaxpost.colab_pipeline" in graph["jaxpost.cli"]
 
@@ -77,3 +94,36 @@ def test_the_graph_sees_imports_inside_functions_and_from_the_package():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+
+@pytest.mark.parametrize("package", ["jaxpost.models", "jaxpost.data", "jaxpost.rewards"])
+def test_a_packages_public_names_come_from_its_modules(package):
+    module = importlib.import_module(package)
+    assert len(dir(module)) > 10
+    for name in dir(module):
+        value = getattr(module, name)
+        if inspect.isfunction(value) or inspect.isclass(value):
+            assert value.__module__.startswith(package + "."), (name, value.__module__)
+    with pytest.raises(AttributeError, match="has no attribute 'load_modle'"):
+        module.load_modle  # noqa: B018
+
+
+def test_the_package_level_name_is_the_modules_own():
+    import jaxpost.models
+    import jaxpost.models.loading
+    import jaxpost.rewards
+    import jaxpost.rewards.registry
+
+    assert jaxpost.models.load_model is jaxpost.models.loading.load_model
+    assert jaxpost.rewards.register_reward is jaxpost.rewards.registry.register_reward
+
+
+def test_an_old_module_name_is_the_moved_module_and_warns():
+    sys.modules.pop("jaxpost.hub", None)
+    with pytest.warns(DeprecationWarning, match="jaxpost.hub moved to jaxpost.models.hub"):
+        old = importlib.import_module("jaxpost.hub")
+    assert old is importlib.import_module("jaxpost.models.hub")
+    for old_name, new_name in _renamed.RENAMED.items():
+        assert not (PACKAGE.parent / (old_name.replace(".", "/") + ".py")).exists(), old_name
+        assert importlib.util.find_spec(new_name) is not None, new_name

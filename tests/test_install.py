@@ -20,7 +20,6 @@ import pytest
 from packaging.requirements import Requirement
 
 from jaxpost import install
-
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "demo" / "train_colab.ipynb"
 MODULE = REPO / "src" / "jaxpost" / "install.py"

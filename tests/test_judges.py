@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from jaxpost.credentials import Secret, SecretSources
-from jaxpost.judges import APIJudge, ModelJudge, build_judge, resolve_judge_key
-from jaxpost.rubrics import Criterion, CriterionQuery, RubricJudgeError, RubricQuery, rubric, \
+from jaxpost.runtime.credentials import Secret, SecretSources
+from jaxpost.rewards.judges import APIJudge, ModelJudge, build_judge, resolve_judge_key
+from jaxpost.rewards.rubrics import Criterion, CriterionQuery, RubricJudgeError, RubricQuery, rubric, \
     rubric_to_json
 
 KEY = "sk-test-7c1e9b55d0f2a4"
@@ -110,7 +110,7 @@ def test_api_judge_malformed_replies_are_unscored_not_zero(caplog):
     replies = {1: (200, "Perhaps, partly.", 0.0), 2: (200, None, 0.0)}
     with _Server(lambda n, body: replies.get(n, (200, "Yes", 0.0))) as server:
         judge = _judge(server.url, concurrency=1)
-        with caplog.at_level(logging.WARNING, logger="jaxpost.judges"):
+        with caplog.at_level(logging.WARNING, logger="jaxpost.rewards.judges"):
             scores = judge.score_criteria(Q + [CriterionQuery("q", "a", "third")])
     assert scores == [None, None, 1.0]
     assert judge.stats.snapshot()["failures"] == 2
@@ -168,7 +168,7 @@ def test_judge_key_comes_from_the_secret_stores():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from jaxpost.models import load_model
+    from jaxpost.models.loading import load_model
 
     return load_model("random:gemma3-tiny", show_progress=False)
 

@@ -8,7 +8,7 @@ import pytest
 
 from jaxpost.colab_pipeline import prepare_colab_session, train_grpo
 from jaxpost.config import RL_ALGORITHMS, get_preset
-from jaxpost.rewards import REWARDS, register_reward
+from jaxpost.rewards.registry import REWARDS, register_reward
 
 
 def starts_with_space(prompts, completions, **kwargs):

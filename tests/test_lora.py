@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 from qwix._src.providers import lora as qwix_lora
 
-from jaxpost.lora import _lora_delta, apply_lora, install_lora_matmul, lora_matmul
-from jaxpost.models import load_model
+from jaxpost.models.lora import _lora_delta, apply_lora, install_lora_matmul, lora_matmul
+from jaxpost.models.loading import load_model
 
 
 def test_lora_matmul_gradients_equal_autodiff():

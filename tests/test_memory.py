@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxpost.memory import limit_malloc_arenas, release_free_memory
+from jaxpost.runtime.memory import limit_malloc_arenas, release_free_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
@@ -41,7 +41,7 @@ def test_compiled_ahead_compiles_once_per_shape():
     import jax
     import jax.numpy as jnp
 
-    from jaxpost.memory import compiled_ahead
+    from jaxpost.runtime.memory import compiled_ahead
 
     traced = []
 

@@ -22,9 +22,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxpost import fast_logits, hub, model_families, models
-from jaxpost.mesh import make_mesh
-from jaxpost.models import load_model
+from jaxpost import fast_logits
+
+from jaxpost.models import hub
+
+from jaxpost.models import families as model_families
+
+from jaxpost.models import loading as models
+from jaxpost.runtime.mesh import make_mesh
+from jaxpost.models.loading import load_model
 
 L, D, H, K, HD, F = 2, 32, 2, 1, 16, 64  # layers, hidden, heads, kv heads, head dim, mlp
 VOCAB_TOKENS, V = 300, 304  # tokenizer size; embedding rows (padded, as Qwen pads its vocab)
@@ -755,7 +761,7 @@ def test_read_safetensors_matches_the_safetensors_package(tmp_path):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from jaxpost.models import read_safetensors
+    from jaxpost.models.loading import read_safetensors
 
     rng = np.random.default_rng(0)
     tensors = {"b.weight": rng.normal(size=(3, 5)).astype(np.float32),

@@ -23,7 +23,7 @@ from jaxpost.colab_pipeline import (
 )
 from jaxpost.config import get_preset
 from jaxpost.export import load_lora_export
-from jaxpost.models import load_model
+from jaxpost.models.loading import load_model
 from jaxpost.scoring import token_logprobs
 
 
@@ -46,7 +46,6 @@ def _live_bytes() -> int:
 def smoke_run(tmp_path_factory):
     """Two GRPO steps of the smoke preset, then a resumed run to step 3."""
     from jaxpost import tunix_adapter
-
     out = tmp_path_factory.mktemp("smoke_run")
     config = dataclasses.replace(get_preset("smoke"), output_dir=str(out))
     # Arrays other tests left alive, held until the run's are measured: one of them freed

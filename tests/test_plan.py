@@ -15,8 +15,8 @@ from tunix.models.gemma3 import model as gemma3
 from jaxpost.cli import main
 from jaxpost.config import get_preset
 from jaxpost.fast_logits import LOGPS_CHUNK_ROWS, completion_logits_only, completion_logps
-from jaxpost.lora import apply_lora
-from jaxpost.mesh import make_mesh
+from jaxpost.models.lora import apply_lora
+from jaxpost.runtime.mesh import make_mesh
 from jaxpost.plan import (
     GIB,
     ModelShapes,
@@ -78,7 +78,7 @@ def test_shard_bytes_splits_each_dimension_over_its_axis_rounding_up():
 
 
 def test_embedded_and_random_shapes_are_those_of_the_models_jaxpost_loads():
-    from jaxpost.models import embedded_model_dir, gemma3_config_from_hf, load_sentencepiece
+    from jaxpost.models.loading import embedded_model_dir, gemma3_config_from_hf, load_sentencepiece
 
     path = embedded_model_dir(show_progress=False)
     hf = json.loads((path / "config.json").read_text())
@@ -129,7 +129,7 @@ def _value(text: str):
 
 
 def test_every_platform_has_a_device_kind_and_count():
-    from jaxpost.platform import PLATFORM_DEVICES, PLATFORM_PRESETS, detect_platform
+    from jaxpost.runtime.platform import PLATFORM_DEVICES, PLATFORM_PRESETS, detect_platform
 
     assert PLATFORM_DEVICES.keys() == PLATFORM_PRESETS.keys()
     for name, (kind, n) in PLATFORM_DEVICES.items():

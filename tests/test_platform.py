@@ -10,7 +10,7 @@ import pytest
 
 from jaxpost.colab_pipeline import make_config
 from jaxpost.config import PRESETS, get_preset
-from jaxpost.platform import (
+from jaxpost.runtime.platform import (
     PLATFORM_PRESETS,
     PlatformInfo,
     auto_config,
@@ -193,7 +193,7 @@ def test_tpu_tensor_parallel_divides_the_query_heads(n, heads, mesh):
 
 
 def test_a_mesh_that_splits_heads_unevenly_is_refused_before_loading():
-    from jaxpost.models import attention_heads, check_tensor_parallel, load_model
+    from jaxpost.models.loading import attention_heads, check_tensor_parallel, load_model
 
     assert attention_heads("kaggle:google/gemma-3/flax/gemma3-1b-it") == (4, 1)
     assert attention_heads("embedded:gemma3-270m") == (4, 1)
@@ -208,7 +208,7 @@ def test_a_mesh_that_splits_heads_unevenly_is_refused_before_loading():
 def test_attention_heads_of_a_local_directory(tmp_path):
     import json
 
-    from jaxpost.models import attention_heads
+    from jaxpost.models.loading import attention_heads
 
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "qwen2", "num_attention_heads": 14, "num_key_value_heads": 2}))

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxpost.colab_pipeline import prepare_colab_session, train_grpo
 from jaxpost.config import PPO_DEFAULTS, ColabTrainingConfig, get_preset
-from jaxpost.rewards import REWARDS, register_reward
+from jaxpost.rewards.registry import REWARDS, register_reward
 from jaxpost.rundir import RunDir
 
 
@@ -50,8 +50,8 @@ def test_ppo_settings_default_and_are_refused_elsewhere():
 
 
 def test_value_model_shares_the_base_weights_and_starts_at_zero():
-    from jaxpost.critic import build_value_model
-    from jaxpost.models import load_model
+    from jaxpost.models.critic import build_value_model
+    from jaxpost.models.loading import load_model
 
     loaded = load_model("random:gemma3-tiny", seed=0)
     critic = build_value_model(loaded.model, loaded.mesh, rank=4, alpha=8.0,

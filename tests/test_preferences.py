@@ -10,14 +10,14 @@ import math
 import pytest
 
 from jaxpost.config import ColabTrainingConfig
-from jaxpost.preferences import (
+from jaxpost.data.preferences import (
     best_and_worst,
     check_preference_data_spec,
     load_preference_jsonl,
     pairs_from_groups,
     score_completions,
 )
-from jaxpost.rewards import create_reward_functions
+from jaxpost.rewards.registry import create_reward_functions
 
 
 def write_jsonl(path, rows):
@@ -63,14 +63,14 @@ def test_preference_file_keeps_good_rows_and_counts_bad_ones(tmp_path, caplog):
         {"question": "q", "chosen": "x"},
         {"question": ["q"], "chosen": "x", "rejected": "y"},
     ])
-    with caplog.at_level(logging.WARNING, logger="jaxpost.preferences"):
+    with caplog.at_level(logging.WARNING, logger="jaxpost.data.preferences"):
         pairs = load_preference_jsonl(f"preference-jsonl:{path}", seed=0)
     assert sorted(p.question for p in pairs) == ["What is 1 + 1?", "What is 2 + 2?"]
     first = next(p for p in pairs if p.question == "What is 1 + 1?")
     # The end marker goes: the trainer appends the model's own.
     assert (first.chosen, first.rejected) == ("<answer>2</answer>", "<answer>3</answer>")
     assert first.chosen_ids is None and first.prompt is None
-    [record] = [r for r in caplog.records if r.name == "jaxpost.preferences"]
+    [record] = [r for r in caplog.records if r.name == "jaxpost.data.preferences"]
     message = record.getMessage()
     assert "skipped 6 of 8 rows" in message
     for reason in ("1 invalid JSON", "1 not a JSON object",

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxpost.prompts import (
+from jaxpost.data.prompts import (
     format_prompt,
     jinja_chat_template,
     resolve_chat_template,

@@ -1,4 +1,4 @@
-"""Unit tests for jaxpost.rewards: hand-written completions, good and malformed."""
+"""Unit tests for jaxpost.rewards.registry: hand-written completions, good and malformed."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxpost import rewards
-from jaxpost.rewards import (
+from jaxpost.rewards import registry as rewards
+from jaxpost.rewards.registry import (
     ECHO_MIN_WORDS,
     REWARDS,
     answer_match,
@@ -216,7 +216,7 @@ LONG_Q = "A farmer has 12 cows and buys 5 more. How many cows does he have now?"
 
 def _gemma_prompt(question):
     from jaxpost.config import ColabTrainingConfig
-    from jaxpost.prompts import format_prompt
+    from jaxpost.data.prompts import format_prompt
 
     return format_prompt(question, ColabTrainingConfig(), template="gemma")
 

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from jaxpost.config import ColabTrainingConfig, get_preset
-from jaxpost.data import load_examples, parse_dataset_spec, prepare_datasets
-from jaxpost.judges import LexicalJudge
-from jaxpost.rewards import create_reward_functions, uses_judge
-from jaxpost.rubrics import (
+from jaxpost.data.datasets import load_examples, parse_dataset_spec, prepare_datasets
+from jaxpost.rewards.judges import LexicalJudge
+from jaxpost.rewards.registry import create_reward_functions, uses_judge
+from jaxpost.rewards.rubrics import (
     Criterion,
     CriterionQuery,
     MalformedRubric,

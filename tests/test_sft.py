@@ -17,7 +17,7 @@ from jaxpost.colab_pipeline import (
     train_sft,
 )
 from jaxpost.config import ColabTrainingConfig, get_preset
-from jaxpost.demonstrations import Demonstration
+from jaxpost.data.demonstrations import Demonstration
 from jaxpost.export import ADAPTER_FILE, checkpoint_lora_arrays
 from jaxpost.sft import sft_batches, tokenize_demonstrations
 from jaxpost.train import read_metrics

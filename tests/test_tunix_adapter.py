@@ -14,8 +14,8 @@ from tunix.rl import common
 from jaxpost import tunix_adapter
 from jaxpost.config import get_preset
 from jaxpost.fast_logits import completion_logits_only, completion_logps
-from jaxpost.lora import apply_lora
-from jaxpost.models import load_model
+from jaxpost.models.lora import apply_lora
+from jaxpost.models.loading import load_model
 from jaxpost.train import make_optimizer
 
 

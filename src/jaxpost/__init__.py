@@ -4,10 +4,19 @@ __version__ = "0.1.0"
 
 
 def _share_malloc_arenas() -> None:
-    # Set before JAX starts its thread pools: see jaxpost.memory.limit_malloc_arenas.
-    from jaxpost.memory import limit_malloc_arenas
+    # Set before JAX starts its thread pools: see jaxpost.runtime.memory.limit_malloc_arenas.
+    from jaxpost.runtime.memory import limit_malloc_arenas
 
     limit_malloc_arenas()
 
 
 _share_malloc_arenas()
+
+
+def _keep_old_module_names() -> None:
+    from jaxpost import _renamed
+
+    _renamed.install()
+
+
+_keep_old_module_names()

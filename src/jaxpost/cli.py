@@ -98,7 +98,7 @@ def _chat_prompts(args: argparse.Namespace, loaded, trained) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from jaxpost.models import load_model
+    from jaxpost.models.loading import load_model
     from jaxpost.sampling import generate
 
     if not args.chat and (args.chat_template != "auto" or args.system_prompt is not None):
@@ -170,7 +170,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``jaxpost`` subcommand."""
     from jaxpost.config import PRESETS
-    from jaxpost.prompts import CHAT_TEMPLATES
+    from jaxpost.data.prompts import CHAT_TEMPLATES
 
     parser = argparse.ArgumentParser(
         prog="jaxpost", description="JAX-native GRPO post-training for models that show their work.")
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "beside it with suffix .jsonl")
     v.set_defaults(func=_cmd_eval)
 
-    from jaxpost.platform import PLATFORM_PRESETS
+    from jaxpost.runtime.platform import PLATFORM_PRESETS
 
     m = sub.add_parser(
         "plan", help="estimate a run's memory per device from its config, loading no model",
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:
-        from jaxpost.credentials import redact
+        from jaxpost.runtime.credentials import redact
 
         # Errors from hub clients can quote a request; never let a token through.
         print(f"jaxpost {args.command}: error: {redact(str(e))}", file=sys.stderr)

@@ -17,17 +17,17 @@ from pathlib import Path
 
 from typing import Any, Callable
 
-from jaxpost import data as _data
-from jaxpost import prompts as _prompts
-from jaxpost import rewards as _rewards
+from jaxpost.data import datasets as _data
+from jaxpost.data import prompts as _prompts
+from jaxpost.rewards import registry as _rewards
 from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
-from jaxpost.credentials import Credentials, resolve_credentials
+from jaxpost.runtime.credentials import Credentials, resolve_credentials
 from jaxpost.dpo import train_dpo
 from jaxpost.evaluate import Comparison, EvalReport, compare, evaluate
 from jaxpost.export import export_checkpoint, export_from_lora_dir, export_run, push_to_hub
-from jaxpost.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
+from jaxpost.runtime.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
 from jaxpost.plots import show_training_curves
-from jaxpost.rubrics import policy_rubric
+from jaxpost.rewards.rubrics import policy_rubric
 from jaxpost.session import ColabSession
 from jaxpost.sft import SFTState, train_sft
 from jaxpost.train import TrainerState, train_grpo
@@ -75,14 +75,14 @@ def make_config(preset: str = "auto", platform: PlatformInfo | None = None,
     Args:
       preset: a preset name (``jaxpost.config.PRESETS``), or ``"auto"`` for the one sized
         for the detected platform, with its mesh and memory defaults
-        (``jaxpost.platform.auto_config``).
+        (``jaxpost.runtime.platform.auto_config``).
       platform: the detected platform (default: detected now).
       settings: config fields; a value may be typed or a string in ``--set`` syntax
         (``"20"``, ``"true"``, ``"none"``); an empty string keeps the preset's value.
 
     Returns:
       The config, with ``output_dir`` on Google Drive when ``save_to_drive`` is set on
-      Colab (``jaxpost.platform.resolve_output_dir``).
+      Colab (``jaxpost.runtime.platform.resolve_output_dir``).
     """
     platform = platform or detect_platform()
     base = auto_config(platform) if preset == "auto" else get_preset(preset)
@@ -103,7 +103,7 @@ def format_prompt(question: str, config: ColabTrainingConfig, rubric: Any = None
       config: the run's configuration; reads ``model``, ``chat_template``,
         ``system_prompt``, ``reasoning_tag``, ``answer_tag`` and ``rubric_in_prompt``.
       rubric: the question's rubric, in any form of a rubric dataset's ``rubric``
-        column (a list of criteria, or its JSON; ``jaxpost.rubrics.parse_rubric``).
+        column (a list of criteria, or its JSON; ``jaxpost.rewards.rubrics.parse_rubric``).
         With ``rubric_in_prompt`` set its criteria are listed after the question
         (pitfalls as "Avoid: ..."), as training lists them; without it training shows
         the policy no rubric (only the judge reads it), and neither does this.
@@ -113,7 +113,7 @@ def format_prompt(question: str, config: ColabTrainingConfig, rubric: Any = None
 
     Raises:
       ValueError: an empty question, or a chat template that cannot be inferred.
-      jaxpost.rubrics.MalformedRubric: a rubric that does not parse (when it is shown).
+      jaxpost.rewards.rubrics.MalformedRubric: a rubric that does not parse (when it is shown).
     """
     criteria = None
     if rubric is not None and getattr(config, "rubric_in_prompt", False):
@@ -125,7 +125,7 @@ def prepare_datasets(config: ColabTrainingConfig) -> tuple[Any, Any]:
     """The training and held-out datasets a run of ``config`` uses (no model needed).
 
     The datasets ``prepare_colab_session`` puts in the session
-    (``jaxpost.data.prepare_datasets``): ``config.dataset`` read with ``config.seed``
+    (``jaxpost.data.datasets.prepare_datasets``): ``config.dataset`` read with ``config.seed``
     (``max_examples`` of them), the first ``eval_size`` examples held out, every example
     given its formatted prompt (:func:`format_prompt`).
 
@@ -149,7 +149,7 @@ def create_reward_functions(config: ColabTrainingConfig, *,
                             judge: Any = None) -> list[Callable[..., list[float]]]:
     """The reward functions a run of ``config`` trains with, from the reward registry.
 
-    Those of ``prepare_colab_session`` (``jaxpost.rewards.create_reward_functions``):
+    Those of ``prepare_colab_session`` (``jaxpost.rewards.registry.create_reward_functions``):
     one per name in ``config.reward_functions``, in that order, each with Tunix's
     signature ``f(prompts, completions, **columns) -> list[float]`` (the dataset's
     columns, such as ``answer``, as keyword arguments), bound to the config's
@@ -159,7 +159,7 @@ def create_reward_functions(config: ColabTrainingConfig, *,
     Args:
       config: the run's configuration.
       judge: the judge of a reward that needs one (``rubric``):
-        ``jaxpost.judges.build_judge(config, session.loaded)``, as the session builds it.
+        ``jaxpost.rewards.judges.build_judge(config, session.loaded)``, as the session builds it.
 
     Returns:
       One callable per reward name.
@@ -221,7 +221,7 @@ def held_out_spec(dataset: str) -> str:
     """The dataset the held-out comparison reads: GSM8K's test split for GSM8K's training
     data, else the run's own spec (drawn with another seed by the caller). A local file
     read with another seed is only reordered: point ``jaxpost eval`` at its test file."""
-    from jaxpost.data import parse_dataset_spec
+    from jaxpost.data.datasets import parse_dataset_spec
 
     spec = parse_dataset_spec(dataset)
     if spec.kind == "gsm8k" and spec.arg in (None, "train"):

@@ -15,7 +15,7 @@ own changes as preference, and keep pulling the policy back towards a model that
 not answer in the format. The reference shares the base weights' arrays; only its
 copy of the LoRA weights is extra.
 
-Pairs come from ``preference_data`` (:mod:`jaxpost.preferences`). With ``self``, the
+Pairs come from ``preference_data`` (:mod:`jaxpost.data.preferences`). With ``self``, the
 policy DPO starts from samples ``num_generations`` completions for each prompt of
 ``num_batches`` training batches (the same prompts, same seeds, every time the stage
 runs, so a resumed run sees the pairs an uninterrupted one saw), the run's reward
@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxpost.config import ColabTrainingConfig
-from jaxpost.preferences import PreferencePair
+from jaxpost.data.preferences import PreferencePair
 from jaxpost.session import ColabSession
 
 PAIRS_FILE = "preference_pairs.jsonl"
@@ -174,8 +174,8 @@ def sample_self_pairs(config: ColabTrainingConfig, session: ColabSession, *,
     top-k and top-p, with seed ``seed + batch index``. With "self+demonstrations" a
     prompt's demonstration (``session.demonstrations`` with its question) is one more
     candidate, after the samples. The run's reward functions score every candidate as
-    GRPO would (:func:`jaxpost.preferences.score_completions`) and
-    :func:`jaxpost.preferences.pairs_from_groups` pairs the best with the worst.
+    GRPO would (:func:`jaxpost.data.preferences.score_completions`) and
+    :func:`jaxpost.data.preferences.pairs_from_groups` pairs the best with the worst.
 
     Returns:
       ``(pairs, summary)``: the pairs, and a sentence counting prompts, ties and the
@@ -184,9 +184,9 @@ def sample_self_pairs(config: ColabTrainingConfig, session: ColabSession, *,
     Raises:
       ValueError: every group tied (no preference to learn), naming what to change.
     """
-    from jaxpost.data import prepare_datasets
-    from jaxpost.mesh import use_mesh
-    from jaxpost.preferences import pairs_from_groups, score_completions, uses_demonstrations
+    from jaxpost.data.datasets import prepare_datasets
+    from jaxpost.runtime.mesh import use_mesh
+    from jaxpost.data.preferences import pairs_from_groups, score_completions, uses_demonstrations
     from jaxpost.sampling import make_sampler
 
     loaded = session.loaded
@@ -286,8 +286,8 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     from jaxpost.checkpoints import resume_step
     from jaxpost.config import save_yaml
     from jaxpost.fast_logits import completion_logits_only
-    from jaxpost.mesh import use_mesh
-    from jaxpost.prompts import format_prompt
+    from jaxpost.runtime.mesh import use_mesh
+    from jaxpost.data.prompts import format_prompt
     from jaxpost.sft import end_of_turn_id
     from jaxpost.train import (CONFIG_FILE, METRICS_FILE, MetricsRecorder, TrainerState,
                                make_optimizer, make_schedule, read_metrics, start_wandb)

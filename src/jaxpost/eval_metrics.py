@@ -65,7 +65,7 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
 
     Args:
       example: a dataset example (``question``, ``answer`` and, for reasoning-gym,
-        ``task`` and ``entry``), as from ``jaxpost.data.load_examples``.
+        ``task`` and ``entry``), as from ``jaxpost.data.datasets.load_examples``.
       completions: the example's n >= k completions.
       reasoning_tag, answer_tag: the tags the prompt asked for.
       max_new_tokens: the generation budget, for ``truncated``; None leaves it out.
@@ -74,7 +74,7 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
         leaves them out.
       prompt: the full formatted prompt the completions answer; ``format`` then counts a
         completion that copies the instruction as badly formatted
-        (``jaxpost.rewards.echoes_prompt``). None skips that check.
+        (``jaxpost.rewards.registry.echoes_prompt``). None skips that check.
 
     Returns:
       A JSON-serialisable dict: ``question``, ``reference``, ``answer_reward`` (the
@@ -84,8 +84,7 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
       ``partial_credit`` (``answer_match``), ``tokens`` and ``truncated`` (when a
       tokenizer is given); and ``pass@k``.
     """
-    from jaxpost import rewards
-
+    from jaxpost.rewards import registry as rewards
     completions = list(completions)
     n = len(completions)
     columns = {key: [example[key]] * n for key in ("answer", "task", "entry") if key in example}

@@ -107,7 +107,7 @@ def _adapted_model(loaded, adapters: _Adapters):
     """The base model of ``loaded`` with ``adapters`` applied (base weights shared)."""
     from jaxpost.checkpoints import final_stage_dir
     from jaxpost.export import checkpoint_lora_arrays, load_lora_export, set_lora_arrays
-    from jaxpost.lora import apply_lora
+    from jaxpost.models.lora import apply_lora
     from jaxpost.rundir import RunDir
 
     if adapters.kind == "export":
@@ -141,7 +141,7 @@ class _Options:
 
 def _check_options(*, data, num_examples, k, num_samples, temperature, top_k, top_p,
                    max_new_tokens, batch_size, seed, out) -> _Options:
-    from jaxpost.data import parse_dataset_spec
+    from jaxpost.data.datasets import parse_dataset_spec
 
     if not isinstance(data, str) or not data.strip():
         raise ValueError(f"data={data!r} is invalid: give a dataset spec such as "
@@ -177,7 +177,7 @@ def _prompt_format(model_source: str, own: _Adapters | None, other: _Adapters | 
     """The prompt format of one side: its adapters' run's, else the other side's, else
     the default system prompt under ``model_source``'s template."""
     from jaxpost.config import DEFAULT_SYSTEM_PROMPT
-    from jaxpost.prompts import PromptFormat, resolve_chat_template
+    from jaxpost.data.prompts import PromptFormat, resolve_chat_template
 
     for adapters in (own, other):
         if adapters is not None:
@@ -203,7 +203,7 @@ def _base_key(model_source: str | None, adapters: Sequence[_Adapters | None]):
 def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_format,
          examples: list[dict], opts: _Options) -> EvalReport:
     """Generates and scores every example with ``model``; prints a progress line per batch."""
-    from jaxpost.prompts import format_prompt
+    from jaxpost.data.prompts import format_prompt
     from jaxpost.sampling import generate, make_sampler
 
     t0 = time.time()
@@ -250,7 +250,7 @@ def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_format,
 
 
 def _load_examples(opts: _Options) -> list[dict]:
-    from jaxpost.data import load_examples
+    from jaxpost.data.datasets import load_examples
 
     examples = load_examples(opts.data, seed=opts.seed, max_examples=opts.num_examples)
     if len(examples) < opts.num_examples:
@@ -286,12 +286,12 @@ def evaluate(
     """Evaluates a model, with or without trained LoRA adapters, on a dataset.
 
     Args:
-      model_source: the base model (``jaxpost.models.load_model`` forms); default: the
+      model_source: the base model (``jaxpost.models.loading.load_model`` forms); default: the
         model the adapters were trained on, else ``embedded:gemma3-270m``.
       lora: a LoRA export directory, or a training run's ``output_dir`` (its latest
         finished checkpoint); None or ``"base"`` for the base model alone. Its
         ``config.yaml`` gives the prompt settings, dtype and seed of the base.
-      data: a dataset spec (``jaxpost.data.DATASET_FORMS``), e.g. ``gsm8k:test``.
+      data: a dataset spec (``jaxpost.data.datasets.DATASET_FORMS``), e.g. ``gsm8k:test``.
       num_examples: the first this many examples of the seeded order.
       k: the k of pass@k.
       num_samples: completions per example, n >= k (default k).
@@ -398,8 +398,8 @@ def compare(
 
 
 def _load(source: str, dtype: str, seed: int):
-    from jaxpost.cache import enable_compilation_cache
-    from jaxpost.models import load_model
+    from jaxpost.runtime.cache import enable_compilation_cache
+    from jaxpost.models.loading import load_model
 
     enable_compilation_cache()
     return load_model(source, dtype=dtype, seed=seed)

@@ -9,7 +9,7 @@ What it counts, per device of an ``fsdp x tp`` mesh:
 
 * Held for the whole run: the base weights, sharded by Tunix's Gemma 3 rules (other
   families are counted with the same layout); the reference model shares them
-  (:mod:`jaxpost.lora`), so it costs nothing; the LoRA weights and AdamW's two moments,
+  (:mod:`jaxpost.models.lora`), so it costs nothing; the LoRA weights and AdamW's two moments,
   in the parameter dtype (optax keeps them in the parameters' dtype); on a CPU, the
   layer inputs a rollout keeps for the update after it (:func:`jaxpost.fast_logits.keep_layer_inputs`).
 * Each phase, on top of that; the peak is the largest phase:
@@ -21,7 +21,7 @@ What it counts, per device of an ``fsdp x tp`` mesh:
     (:func:`jaxpost.fast_logits.completion_logps`); on a mesh with fsdp > 1, the
     gathered shards of the embedding;
   - critic update (PPO only): the critic's LoRA gradients and activations for the same
-    rows (:mod:`jaxpost.critic`; its LoRA, value head and moments are held for the run);
+    rows (:mod:`jaxpost.models.critic`; its LoRA, value head and moments are held for the run);
   - SFT update (when ``sft_steps`` > 0): the same for ``sft_batch_size`` rows;
   - held-out evaluation (when ``final_eval_examples`` > 0): the KV cache of its
     batches of 8.
@@ -46,7 +46,7 @@ import math
 import os
 
 from jaxpost.config import ColabTrainingConfig
-from jaxpost.platform import PLATFORM_DEVICES, PLATFORM_PRESETS
+from jaxpost.runtime.platform import PLATFORM_DEVICES, PLATFORM_PRESETS
 from jaxpost.shapes import (  # noqa: F401  (re-exported)
     ModelShapes,
     kv_cache_bytes,
@@ -86,7 +86,7 @@ class MemoryPlan:
     """Estimated bytes per device for one config on one platform (see the module docstring).
 
     Attributes:
-      platform: a key of :data:`jaxpost.platform.PLATFORM_PRESETS`; kind: tpu, gpu or cpu.
+      platform: a key of :data:`jaxpost.runtime.platform.PLATFORM_PRESETS`; kind: tpu, gpu or cpu.
       devices: devices on the platform; mesh: ``{"fsdp": n, "tp": m}``.
       memory_gib: memory per device (host RAM for a CPU); usable_gib: what the plan
         lets the run use, as ``usable_how`` says.
@@ -222,7 +222,7 @@ def memory_plan(config: ColabTrainingConfig, *, platform: str = "cpu",
     out = [Row("held", "base weights (the reference model shares them)", weights),
            Row("held", f"LoRA weights (r={config.lora_rank})", lora),
            Row("held", "AdamW moments (2 x LoRA)", 2 * lora)]
-    # PPO's critic (jaxpost.critic): the shared base, LoRA of its own and a value head.
+    # PPO's critic (jaxpost.models.critic): the shared base, LoRA of its own and a value head.
     critic = lora + (s.embed_dim + 1) * 4
     if config.algorithm == "ppo":
         out += [Row("held", f"critic's LoRA (r={config.lora_rank}) and value head", critic),

@@ -7,9 +7,9 @@ from typing import Sequence
 from flax import nnx
 
 from jaxpost import fast_logits
-from jaxpost.mesh import use_mesh
-from jaxpost.models import LoadedModel
-from jaxpost.prompts import PromptFormat, format_prompt, model_chat_template
+from jaxpost.runtime.mesh import use_mesh
+from jaxpost.models.loading import LoadedModel
+from jaxpost.data.prompts import PromptFormat, format_prompt, model_chat_template
 
 
 def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
@@ -35,10 +35,10 @@ def chat_prompt(text: str, loaded: LoadedModel, chat_template: str = "auto", *,
 
     Args:
       chat_template: a template name; "auto": ``prompt_config``'s, else the model
-        family's (:func:`jaxpost.prompts.model_chat_template`).
+        family's (:func:`jaxpost.data.prompts.model_chat_template`).
       prompt_config: the settings of a run whose prompt format to use (its
         ``chat_template``, ``system_prompt`` and tags, e.g. the ``config.yaml`` of the
-        adapters being sampled), or a :class:`jaxpost.prompts.PromptFormat`; None: no
+        adapters being sampled), or a :class:`jaxpost.data.prompts.PromptFormat`; None: no
         system text.
     """
     if isinstance(prompt_config, PromptFormat):

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpost.mesh import use_mesh
-from jaxpost.models import LoadedModel
+from jaxpost.runtime.mesh import use_mesh
+from jaxpost.models.loading import LoadedModel
 
 
 def token_logprobs(loaded: LoadedModel, texts: Sequence[str], *,

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from jaxpost.cache import enable_compilation_cache
+from jaxpost.runtime.cache import enable_compilation_cache
 from jaxpost.config import ColabTrainingConfig
-from jaxpost.models import LoadedModel, count_params, load_model
+from jaxpost.models.loading import LoadedModel, count_params, load_model
 
 
 @dataclasses.dataclass
@@ -25,11 +25,11 @@ class ColabSession:
       reward_fns: Tunix-compatible reward callables, weights applied.
       template: the resolved chat template name.
       credentials: secrets for hubs, owned by the session and never saved with a run.
-      judge: the judge bound into the rubric reward (``jaxpost.judges``), or None when
+      judge: the judge bound into the rubric reward (``jaxpost.rewards.judges``), or None when
         no reward needs one; training logs its ``stats``.
-      demonstrations: the SFT warm-up's demonstrations (``jaxpost.demonstrations``),
+      demonstrations: the SFT warm-up's demonstrations (``jaxpost.data.demonstrations``),
         empty when ``sft_steps`` is 0 (and DPO's pairs do not use them).
-      preferences: DPO's pairs from a preference file (``jaxpost.preferences``), read
+      preferences: DPO's pairs from a preference file (``jaxpost.data.preferences``), read
         before the model loads; empty unless ``algorithm="dpo"`` with
         ``preference_data="preference-jsonl:..."`` (``self`` pairs are sampled by
         ``jaxpost.dpo`` from the policy the stage starts from).
@@ -48,7 +48,7 @@ class ColabSession:
 
     def summary(self) -> str:
         """One line: platform, devices, mesh, model, parameter and LoRA parameter counts."""
-        from jaxpost.platform import detect_platform
+        from jaxpost.runtime.platform import detect_platform
 
         mesh = self.loaded.mesh
         platform = detect_platform(mesh.devices.flatten())
@@ -79,7 +79,7 @@ def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> None:
 
 def _preference_pairs(config: ColabTrainingConfig, eval_dataset) -> list:
     """The pairs of the config's preference file, less those asking a held-out question."""
-    from jaxpost.preferences import load_preference_jsonl
+    from jaxpost.data.preferences import load_preference_jsonl
 
     pairs = load_preference_jsonl(config.preference_data, seed=config.seed,
                                   max_examples=config.max_examples)
@@ -107,18 +107,18 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
       config: the run's configuration.
       credentials: hub credentials (kept in the session only, and exported to the
         environment for huggingface_hub and kagglehub); default: looked up with
-        ``jaxpost.credentials.resolve_credentials()``.
+        ``jaxpost.runtime.credentials.resolve_credentials()``.
       loaded: an already loaded base model to reuse (must match ``config.model``).
 
     Raises:
       PermissionError: a gated model without the credentials it needs, naming them.
     """
-    from jaxpost.credentials import check_model_access, resolve_credentials
-    from jaxpost.data import prepare_datasets
-    from jaxpost.lora import apply_lora
-    from jaxpost.judges import build_judge
-    from jaxpost.prompts import resolve_chat_template
-    from jaxpost.rewards import check_reward_config, create_reward_functions, uses_judge
+    from jaxpost.runtime.credentials import check_model_access, resolve_credentials
+    from jaxpost.data.datasets import prepare_datasets
+    from jaxpost.models.lora import apply_lora
+    from jaxpost.rewards.judges import build_judge
+    from jaxpost.data.prompts import resolve_chat_template
+    from jaxpost.rewards.registry import check_reward_config, create_reward_functions, uses_judge
 
     t0 = time.time()
     enable_compilation_cache()
@@ -131,12 +131,12 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     template = resolve_chat_template(config.model, config.chat_template)
     check_reward_config(config)
     train_ds, eval_ds = prepare_datasets(config)
-    from jaxpost.preferences import uses_demonstrations
+    from jaxpost.data.preferences import uses_demonstrations
 
     dpo = config.algorithm == "dpo"
     demonstrations, preferences = [], []
     if config.sft_steps > 0 or (dpo and uses_demonstrations(config.preference_data)):
-        from jaxpost.demonstrations import load_demonstrations
+        from jaxpost.data.demonstrations import load_demonstrations
 
         demonstrations = load_demonstrations(
             config.sft_data, dataset=config.dataset, seed=config.seed,

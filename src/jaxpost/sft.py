@@ -3,7 +3,7 @@
 A pretrained model that is not instruction-tuned (the embedded Gemma 3 270M) continues
 a chat turn instead of answering it: it repeats the system prompt, so GRPO's samples
 hold no well-formed answer to reinforce. A few steps of supervised training on
-well-formed answers (:mod:`jaxpost.demonstrations`) put the format within reach, as
+well-formed answers (:mod:`jaxpost.data.demonstrations`) put the format within reach, as
 published recipes for this task do before GRPO.
 
 The stage trains the same LoRA model GRPO trains next, with Tunix's ``PeftTrainer``
@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from jaxpost.config import ColabTrainingConfig
-from jaxpost.demonstrations import Demonstration
+from jaxpost.data.demonstrations import Demonstration
 from jaxpost.session import ColabSession
 
 # Completion lengths are rounded up to a multiple of this, so that runs whose longest
@@ -89,7 +89,7 @@ def end_of_turn_id(tokenizer, template: str, eos_ids: Sequence[int]) -> int:
     """The token a completion ends with under ``template``: its end-of-turn marker when
     the tokenizer reads it as one stop token (Gemma's ``<end_of_turn>``), else the
     first end-of-sequence id."""
-    from jaxpost.prompts import stop_strings
+    from jaxpost.data.prompts import stop_strings
 
     for marker in stop_strings(template):
         ids = list(tokenizer.encode(marker))
@@ -257,8 +257,8 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
     from jaxpost.checkpoints import resume_step
     from jaxpost.fast_logits import completion_logits_only
     from jaxpost.rundir import RunDir
-    from jaxpost.mesh import use_mesh
-    from jaxpost.prompts import format_prompt
+    from jaxpost.runtime.mesh import use_mesh
+    from jaxpost.data.prompts import format_prompt
     from jaxpost.train import CONFIG_FILE, METRICS_FILE, MetricsRecorder
     from jaxpost.config import save_yaml
 

@@ -73,13 +73,13 @@ def model_shapes(source: str) -> ModelShapes:
     if sep and prefix == "embedded":
         return ModelShapes.from_tunix(gemma3.ModelConfig.gemma3_270m())
     if sep and prefix == "random":
-        from jaxpost.models import tiny_gemma3_config
+        from jaxpost.models.loading import tiny_gemma3_config
 
         # Its vocabulary is the embedded tokenizer's, Gemma 3's.
         vocab = gemma3.ModelConfig.gemma3_270m().num_embed
         return ModelShapes.from_tunix(tiny_gemma3_config(vocab, None))
     if sep and prefix == "kaggle":
-        from jaxpost.hub import parse_kaggle_handle
+        from jaxpost.models.hub import parse_kaggle_handle
 
         km = parse_kaggle_handle(rest)
         if km.family is None:
@@ -103,7 +103,7 @@ def _hf_config_file(repo_id: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    from jaxpost.hub import hf_cache_dir
+    from jaxpost.models.hub import hf_cache_dir
 
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename="config.json",

@@ -326,7 +326,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     """
     from jaxpost import tunix_adapter
     from jaxpost.checkpoints import latest_step, resume_step
-    from jaxpost.data import num_train_batches
+    from jaxpost.data.datasets import num_train_batches
 
     if config.algorithm == "dpo":
         raise ValueError("algorithm='dpo' is trained by jaxpost.dpo.train_dpo (which "
@@ -380,7 +380,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     # Tunix scores only completion tokens; computing the other logits would cost more
     # than the transformer layers themselves (see jaxpost.fast_logits).
     if config.algorithm == "ppo":
-        from jaxpost.critic import build_value_model
+        from jaxpost.models.critic import build_value_model
 
         critic = build_value_model(loaded.model, loaded.mesh, rank=config.lora_rank,
                                    alpha=config.lora_alpha,
@@ -396,7 +396,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
                 "critic_learning_rate"]) if critic else None))
         metric_fns = []
         if getattr(session, "judge", None) is not None:
-            from jaxpost.judges import judge_metrics_fn
+            from jaxpost.rewards.judges import judge_metrics_fn
 
             metric_fns.append(judge_metrics_fn(session.judge))
         learner = tunix_adapter.build_grpo_learner(cluster, config, session.reward_fns,

@@ -1,8 +1,8 @@
 """The config's vocabularies and defaults: the values a field may take, and what None
-stands for. Importing them imports no JAX (:mod:`jaxpost.judges`, which uses the judge
+stands for. Importing them imports no JAX (:mod:`jaxpost.rewards.judges`, which uses the judge
 vocabulary, does)."""
 
-from jaxpost.prompts import CHAT_TEMPLATES  # noqa: F401  (re-exported)
+from jaxpost.data.prompts import CHAT_TEMPLATES  # noqa: F401  (re-exported)
 
 JUDGE_KINDS = ("model", "api", "lexical")
 REFERENCE_JUDGE = "reference"
@@ -18,7 +18,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "<answer> and </answer>."
 )
 
-# Model source prefixes (jaxpost.models.load_model reads this one list).
+# Model source prefixes (jaxpost.models.loading.load_model reads this one list).
 MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle", "gguf")
 _MODEL_FORMS = ("embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, "
                 "kaggle:HANDLE, gguf:PATH")

@@ -8,7 +8,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from jaxpost.rubrics import (  # noqa: F401  (re-exported)
+from jaxpost.rewards.rubrics import (  # noqa: F401  (re-exported)
     AGGREGATIONS,
     CATEGORIES,
     DEFAULT_CATEGORY_WEIGHTS,
@@ -86,7 +86,7 @@ class ColabTrainingConfig:
       reward_functions: names in the rewards registry; their weighted sum is the reward.
       reward_weights: one weight per reward function (None = all 1.0).
     Rubric reward (Gunjal et al. 2025, "Rubrics as Rewards"; used when reward_functions
-    includes "rubric", with a rubric dataset; see jaxpost.rubrics and jaxpost.judges):
+    includes "rubric", with a rubric dataset; see jaxpost.rewards.rubrics and jaxpost.rewards.judges):
       judge: "model" (a language model's P(yes) per criterion), "api" (an
         OpenAI-compatible chat server) or "lexical" (keyword coverage; offline smoke
         runs only, a weak stand-in).
@@ -108,7 +108,7 @@ class ColabTrainingConfig:
         not instruction-tuned (the embedded Gemma 3 270M) echoes the prompt instead of
         answering; a short warm-up on well-formed answers gives GRPO something to
         reinforce.
-      sft_data: where the demonstrations come from (jaxpost.demonstrations.SFT_DATA_FORMS):
+      sft_data: where the demonstrations come from (jaxpost.data.demonstrations.SFT_DATA_FORMS):
         "auto" (the run's own dataset: worked solutions, or a rationale built from a
         reasoning-gym task's metadata), a dataset spec with worked solutions (e.g.
         "gsm8k:train"), or "sft-jsonl:PATH" (question/completion pairs).
@@ -134,7 +134,7 @@ class ColabTrainingConfig:
       temperature, top_k, top_p: sampling settings for rollouts (None disables a filter).
       max_prompt_length: prompt tokens kept. max_new_tokens: completion token budget.
     PPO (Schulman et al. 2017, "Proximal Policy Optimization"; algorithm="ppo"): a critic
-    (jaxpost.critic: the base model with its own LoRA adapters and a value head) learns
+    (jaxpost.models.critic: the base model with its own LoRA adapters and a value head) learns
     each position's expected return; advantages are GAE over its values (Schulman et
     al. 2016), the KL penalty beta * KL is subtracted from each token's reward, and each
     of the G = num_generations completions per prompt is its own episode. None takes
@@ -148,7 +148,7 @@ class ColabTrainingConfig:
     rejected one's; the reference is the policy the stage starts from (after the SFT
     warm-up, if any). Each step trains on batch_size pairs.
       beta: DPO's beta (None: 0.1); must be > 0.
-      preference_data: where the pairs come from (jaxpost.preferences.PREFERENCE_DATA_FORMS):
+      preference_data: where the pairs come from (jaxpost.data.preferences.PREFERENCE_DATA_FORMS):
         "self" (num_batches * batch_size training prompts, G = num_generations samples
         each at temperature/top_k/top_p, scored by reward_functions: the best paired
         with the worst, ties skipped), "self+demonstrations" (as self, with the
@@ -328,7 +328,7 @@ class ColabTrainingConfig:
 
     def _validate_stages(self):
         v = self
-        from jaxpost.demonstrations import check_sft_data_spec
+        from jaxpost.data.demonstrations import check_sft_data_spec
 
         check_sft_data_spec(v.sft_data)
         if v.sft_steps > 0 and v.sft_data.strip() == "auto":
@@ -347,7 +347,7 @@ class ColabTrainingConfig:
 
     def _validate_algorithm(self):
         v = self
-        from jaxpost.preferences import check_preference_data_spec
+        from jaxpost.data.preferences import check_preference_data_spec
 
         check_preference_data_spec(v.preference_data)
         if v.algorithm != "ppo":
@@ -368,8 +368,8 @@ class ColabTrainingConfig:
 
     def _validate_dpo(self):
         v = self
-        from jaxpost.demonstrations import check_sft_data_spec
-        from jaxpost.preferences import uses_demonstrations
+        from jaxpost.data.demonstrations import check_sft_data_spec
+        from jaxpost.data.preferences import uses_demonstrations
 
         for name in ("epsilon", "epsilon_high"):
             if getattr(v, name) is not None:

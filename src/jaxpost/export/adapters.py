@@ -34,7 +34,7 @@ from jaxpost.export.directory import (
     read_lora_export,
     write_record,
 )
-from jaxpost.lora import apply_lora
+from jaxpost.models.lora import apply_lora
 from jaxpost.rundir import RunDir
 from jaxpost.train import read_metrics
 
@@ -103,7 +103,7 @@ def load_lora_export(path: str | os.PathLike, loaded) -> nnx.Module:
 
     Args:
       path: an export directory written by :func:`export_lora`.
-      loaded: the base model (``jaxpost.models.load_model`` of the config's ``model``).
+      loaded: the base model (``jaxpost.models.loading.load_model`` of the config's ``model``).
 
     Raises:
       FileNotFoundError: when the directory lacks the adapter or config file.

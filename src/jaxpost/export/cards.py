@@ -26,7 +26,7 @@ def lora_readme(path: Path) -> str:
         f"    {_GENERATE} --lora {path}\n\n"
         "Python:\n\n"
         "    from jaxpost.export import load_lora_export\n"
-        "    from jaxpost.models import load_model\n"
+        "    from jaxpost.models.loading import load_model\n"
         "    from jaxpost.sampling import generate\n"
         f"    loaded = load_model(<the config's model>)\n"
         f"    model = load_lora_export(\"{path}\", loaded)\n"
@@ -66,7 +66,7 @@ def peft_readme(path: Path, base: str, *, embedded_base: bool = False) -> str:
             "    # jaxpost's embedded model is a Q4_K_M quantisation of google/gemma-3-270m: its\n"
             "    # dequantized weights (a Hugging Face directory in jaxpost's cache) give\n"
             f"    # jaxpost's numbers; \"{base}\" itself gives close but not identical ones.\n"
-            "    from jaxpost.models import embedded_model_dir\n"
+            "    from jaxpost.models.loading import embedded_model_dir\n"
             "    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), "
             "dtype=torch.float32)\n")
     else:

@@ -5,7 +5,7 @@ Every export format (:mod:`jaxpost.export`) is a directory that holds the run's
 written into a temporary directory that replaces the target only once it is complete
 (:func:`export_directory`), and only where the target is absent, empty or a previous
 export (:func:`check_export_target`), so a directory jaxpost did not write is never
-replaced. :func:`jaxpost.atomic.atomic_file` does the same for a single file.
+replaced. :func:`jaxpost.runtime.atomic.atomic_file` does the same for a single file.
 
 A LoRA export (jaxpost's own format) also holds ``adapter.safetensors``; other formats
 are built from it (:func:`read_lora_export`).
@@ -22,8 +22,8 @@ from typing import Any, Iterator, Mapping
 
 from safetensors.numpy import load_file
 
-from jaxpost.atomic import make_shareable
-from jaxpost.cache import replacing_dir
+from jaxpost.runtime.atomic import make_shareable
+from jaxpost.runtime.cache import replacing_dir
 from jaxpost.config import load_yaml, save_yaml
 
 ADAPTER_FILE = "adapter.safetensors"

@@ -24,7 +24,7 @@ from jaxpost.export.directory import (
 from jaxpost.export.gguf_file import check_gguf_type, write_gguf_export
 from jaxpost.export.huggingface import write_hf_model, write_peft_adapter
 from jaxpost.export.weights import check_gemma3
-from jaxpost.models import load_model
+from jaxpost.models.loading import load_model
 from jaxpost.rundir import RunDir, export_suffix
 
 FORMATS = ("lora", "peft", "merged", "gguf")

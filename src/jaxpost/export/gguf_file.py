@@ -1,6 +1,6 @@
 """Writes a merged Gemma 3 as a GGUF file for llama.cpp and Ollama (``f16`` or ``q8_0``).
 
-The reverse of :mod:`jaxpost.gguf_import`: Hugging Face tensor names become llama.cpp's
+The reverse of :mod:`jaxpost.models.gguf`: Hugging Face tensor names become llama.cpp's
 (``model.layers.N.self_attn.q_proj.weight`` -> ``blk.N.attn_q.weight``), Gemma's RMSNorm
 weights are stored with 1 added (llama.cpp computes ``x * w``, Gemma ``x * (1 + w)``),
 and the SentencePiece tokenizer becomes GGUF's ``tokenizer.ggml.*`` arrays. Norms stay
@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from jaxpost.atomic import atomic_file
+from jaxpost.runtime.atomic import atomic_file
 from jaxpost.export.cards import gguf_readme
 from jaxpost.export.directory import README_FILE, export_directory, write_record
 from jaxpost.export.huggingface import hf_config
@@ -34,7 +34,7 @@ from jaxpost.export.tokenizer import (
     tokenizer_model_bytes,
 )
 from jaxpost.export.weights import merged_hf_tensors
-from jaxpost.prompts import jinja_chat_template, stop_strings
+from jaxpost.data.prompts import jinja_chat_template, stop_strings
 
 GGUF_TYPES = ("f16", "q8_0")
 
@@ -61,7 +61,7 @@ _GGUF_CONTROL_PIECES = ("<mask>", *TURN_MARKERS)
 _CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4
 
 # Ollama templates (Go's text/template, Ollama's single-turn form: .System, .Prompt,
-# .Response) that render jaxpost.prompts.format_prompt's text for each prompt format.
+# .Response) that render jaxpost.data.prompts.format_prompt's text for each prompt format.
 _OLLAMA_TEMPLATES = {
     "gemma": ("<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
               "<end_of_turn>\n<start_of_turn>model\n{{ .Response }}<end_of_turn>\n"),
@@ -136,7 +136,7 @@ def write_gguf(tensors: Mapping[str, np.ndarray], hf_cfg: Mapping[str, Any],
       gguf_type: ``"f16"`` or ``"q8_0"`` for 2-D tensors; norms are always float32.
       name: ``general.name``.
       chat_template: ``tokenizer.chat_template``, the Jinja template llama.cpp formats
-        chat messages with (:func:`jaxpost.prompts.jinja_chat_template`).
+        chat messages with (:func:`jaxpost.data.prompts.jinja_chat_template`).
 
     Raises:
       ValueError: an invalid ``gguf_type``, a config GGUF cannot express, or a tensor

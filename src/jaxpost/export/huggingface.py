@@ -10,7 +10,7 @@ Two formats, each a directory that also carries the run's ``config.yaml``,
 * **merged** (:func:`write_hf_model`) -- the LoRA update folded into the base weights,
   written as a Hugging Face Gemma 3 checkpoint (``config.json``,
   ``generation_config.json``, ``model.safetensors``) that ``transformers`` and
-  :func:`jaxpost.models.load_model` both load.
+  :func:`jaxpost.models.loading.load_model` both load.
 
 Both also hold the tokenizer files with the run's prompt format
 (:mod:`jaxpost.export.tokenizer`: ``tokenizer.json``, ``tokenizer_config.json`` with the
@@ -89,7 +89,7 @@ def peft_config(tensors: Mapping[str, np.ndarray], cfg, *, rank: int, alpha: flo
 
 def hf_config(loaded) -> dict:
     """A ``gemma3_text`` ``config.json`` dict for a loaded Gemma 3 (the inverse of
-    :func:`jaxpost.models.gemma3_config_from_hf`).
+    :func:`jaxpost.models.loading.gemma3_config_from_hf`).
 
     ``max_position_embeddings`` comes from the source's own ``config.json`` when there is
     one (32768, Gemma 3 270M's, otherwise).
@@ -182,7 +182,7 @@ def write_hf_model(loaded, out_dir: str | os.PathLike, *,
     (float32), the tokenizer files with the run's prompt format
     (:func:`jaxpost.export.tokenizer.tokenizer_files`; ``config`` None: the family's template
     and no system prompt), the run's config and metrics and a README.
-    ``jaxpost.models.load_model(out_dir)`` and
+    ``jaxpost.models.loading.load_model(out_dir)`` and
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` both load it.
     Without ``lora`` it exports the base model itself (e.g. ``random:gemma3-tiny``).
     """

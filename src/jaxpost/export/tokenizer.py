@@ -9,7 +9,7 @@ the PEFT and merged exports hold, beside the weights:
   by transformers and checked against SentencePiece, where transformers is installed
   (without it, transformers needs sentencepiece and protobuf to read tokenizer.model);
 * ``tokenizer_config.json`` -- ``add_bos_token`` and the special tokens, and the run's
-  prompt format as a Jinja ``chat_template`` (:func:`jaxpost.prompts.jinja_chat_template`);
+  prompt format as a Jinja ``chat_template`` (:func:`jaxpost.data.prompts.jinja_chat_template`);
 * ``special_tokens_map.json``;
 * ``generation_config.json`` (merged models) -- BOS, pad and every end-of-turn id, so
   ``generate`` stops where jaxpost does.
@@ -29,7 +29,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from jaxpost.prompts import jinja_chat_template, model_chat_template, system_text
+from jaxpost.data.prompts import jinja_chat_template, model_chat_template, system_text
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_JSON = "tokenizer.json"

@@ -10,7 +10,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 
-from jaxpost.credentials import WHERE_TO_ADD, resolve_credentials
+from jaxpost.runtime.credentials import WHERE_TO_ADD, resolve_credentials
 from jaxpost.export.directory import README_FILE
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -25,7 +25,7 @@ def hub_write_token(repo_id: str, token: str | None = None):
     """Checks a Hub repo id and finds the token to push with, before any export work.
 
     Returns:
-      The token as a ``jaxpost.credentials.Secret`` (``token``, else ``HF_TOKEN`` from the
+      The token as a ``jaxpost.runtime.credentials.Secret`` (``token``, else ``HF_TOKEN`` from the
       Colab/Kaggle secrets or the environment).
 
     Raises:

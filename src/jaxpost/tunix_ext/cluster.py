@@ -29,7 +29,7 @@ from tunix.rl.rollout import base_rollout
 from tunix.sft import metrics_logger
 from tunix.sft import utils as sft_utils
 
-from jaxpost.memory import release_free_memory
+from jaxpost.runtime.memory import release_free_memory
 from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
 from jaxpost.tunix_ext.logps import chunked_logps_fn
 from jaxpost.tunix_ext.sampler import keep_layer_inputs, speed_up_sampler
@@ -61,7 +61,7 @@ def build_cluster(
       actor: the LoRA-wrapped policy (only ``nnx.LoRAParam`` train).
       reference: the frozen base model the actor wraps.
       metric_backends: factories of logging backends (``log_scalar``/``close``).
-      critic, critic_optimizer: PPO's value model (:class:`jaxpost.critic.ValueModel`)
+      critic, critic_optimizer: PPO's value model (:class:`jaxpost.models.critic.ValueModel`)
         and its optimizer; Tunix checkpoints it beside the actor, under ``critic/``.
 
     Raises:

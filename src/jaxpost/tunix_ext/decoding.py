@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from tunix.generate import sampler as sampler_lib
 
-from jaxpost.memory import release_free_memory
+from jaxpost.runtime.memory import release_free_memory
 from jaxpost.tunix_ext.decoding_layers import _DECODING_LOOP, _values_transposed
 from jaxpost.tunix_ext.gemma3 import _LAYER_INPUTS
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpost.memory import release_free_memory
+from jaxpost.runtime.memory import release_free_memory
 from jaxpost.tunix_ext.decoding import lay_out_decode_weights
 from jaxpost.tunix_ext.gemma3 import _LAYER_INPUTS, _PREFILL_GROUP, Gemma3TrimmedLogits
 from jaxpost.tunix_ext.logps import prompt_group_size

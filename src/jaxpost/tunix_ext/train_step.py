@@ -14,7 +14,7 @@ import types
 import jax
 from flax import nnx
 
-from jaxpost.memory import compiled_ahead, release_free_memory
+from jaxpost.runtime.memory import compiled_ahead, release_free_memory
 from jaxpost.tunix_ext.logps import prompt_group_size
 from jaxpost.tunix_ext.losses import _ROLLOUT_LAYER_INPUTS
 from jaxpost.tunix_ext.sampler import rollout_layer_inputs

@@ -1,6 +1,6 @@
 """Judges for the rubric reward: a language model, an OpenAI-compatible API, or keywords.
 
-Every judge answers two kinds of question (see :class:`jaxpost.rubrics.Judge`):
+Every judge answers two kinds of question (see :class:`jaxpost.rewards.rubrics.Judge`):
 
 * ``score_criteria(queries) -> [s or None]``: for each (question, completion,
   criterion), s in [0, 1], how surely the completion satisfies the criterion;
@@ -23,8 +23,8 @@ Judges:
   offline, for smoke runs. A weak stand-in: it cannot tell "X is not Y" from "X is Y".
 
 :func:`build_judge` makes the one a config asks for. The model judge lives in
-``jaxpost.judge_model``, the API judge in ``jaxpost.judge_api``, the questions and
-counters they share in ``jaxpost.judge_common``; all are importable from here.
+``jaxpost.rewards.judge_model``, the API judge in ``jaxpost.rewards.judge_api``, the questions and
+counters they share in ``jaxpost.rewards.judge_common``; all are importable from here.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxpost.config import JUDGE_KINDS, REFERENCE_JUDGE  # noqa: F401  (re-exported)
-from jaxpost.judge_api import APIJudge, JudgeRequestError  # noqa: F401  (re-exported)
-from jaxpost.judge_common import JudgeStats, judge_metrics_fn  # noqa: F401  (re-exported)
-from jaxpost.judge_model import ModelJudge
-from jaxpost.rubrics import CATEGORIES, CriterionQuery, RubricQuery
+from jaxpost.rewards.judge_api import APIJudge, JudgeRequestError  # noqa: F401  (re-exported)
+from jaxpost.rewards.judge_common import JudgeStats, judge_metrics_fn  # noqa: F401  (re-exported)
+from jaxpost.rewards.judge_model import ModelJudge
+from jaxpost.rewards.rubrics import CATEGORIES, CriterionQuery, RubricQuery
 
-logger = logging.getLogger("jaxpost.judges")
+logger = logging.getLogger("jaxpost.rewards.judges")
 
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -90,7 +90,7 @@ class LexicalJudge:
         return out
 
     def rate_rubrics(self, queries: Sequence[RubricQuery]) -> list[float | None]:
-        from jaxpost.rubrics import RubricJudgeError, explicit_reward
+        from jaxpost.rewards.rubrics import RubricJudgeError, explicit_reward
 
         t0 = time.perf_counter()
         out: list[float | None] = []
@@ -110,9 +110,9 @@ def resolve_judge_key(name: str, explicit: str | None = None, sources=None):
     Colab secrets, Kaggle secrets, then the environment.
 
     Returns:
-      A :class:`jaxpost.credentials.Secret`, or None when no store has it.
+      A :class:`jaxpost.runtime.credentials.Secret`, or None when no store has it.
     """
-    from jaxpost.credentials import resolve_secret
+    from jaxpost.runtime.credentials import resolve_secret
 
     return resolve_secret(name, explicit, sources=sources)
 
@@ -126,7 +126,7 @@ def build_judge(config: Any, loaded=None, *, template: str | None = None,
         and the ``judge_api_*`` fields.
       loaded: the session's loaded model; ``judge="model"`` with
         ``judge_model="reference"`` judges with it (no second load), any other
-        ``judge_model`` is loaded with :func:`jaxpost.models.load_model` on its mesh.
+        ``judge_model`` is loaded with :func:`jaxpost.models.loading.load_model` on its mesh.
       template: the chat template of ``loaded`` (default: resolved from the config).
       api_key: a Secret for ``judge="api"``; default: looked up by
         ``config.judge_api_key_name`` with :func:`resolve_judge_key`.
@@ -135,7 +135,7 @@ def build_judge(config: Any, loaded=None, *, template: str | None = None,
       ValueError: an unknown judge kind, a model judge without a model, or a bad API
         setting.
     """
-    from jaxpost.prompts import resolve_chat_template
+    from jaxpost.data.prompts import resolve_chat_template
 
     if config.judge == "lexical":
         return LexicalJudge()
@@ -155,7 +155,7 @@ def build_judge(config: Any, loaded=None, *, template: str | None = None,
                              "pass loaded=")
         template = template or resolve_chat_template(config.model, config.chat_template)
         return ModelJudge(loaded, template, batch_size=config.judge_batch_size)
-    from jaxpost.models import load_model
+    from jaxpost.models.loading import load_model
 
     judge_loaded = load_model(config.judge_model, dtype=config.dtype,
                               mesh=None if loaded is None else loaded.mesh, seed=config.seed)

@@ -10,7 +10,7 @@ Every example is a dict with str `question` and `answer` plus source columns:
   - gsm8k: `solution` (the worked solution before `####`);
   - jsonl: the row's other top-level columns;
   - rubric datasets (rubric-demo, rubric-jsonl, rar-medicine, rar-science,
-    openrubrics): `rubric`, the criteria as JSON (see `jaxpost.rubrics`); `answer`
+    openrubrics): `rubric`, the criteria as JSON (see `jaxpost.rewards.rubrics`); `answer`
     is the reference answer, possibly empty.
 `prepare_datasets` adds `prompts`, the formatted prompt that Tunix's GRPO
 learner generates from.
@@ -31,18 +31,18 @@ from typing import Any, Iterable
 import grain
 import numpy as np
 
-from jaxpost.jsonl import read_jsonl
-from jaxpost.prompts import format_prompt, resolve_chat_template
-from jaxpost.rubrics import load_rubric_rows, policy_rubric
+from jaxpost.data.jsonl import read_jsonl
+from jaxpost.data.prompts import format_prompt, resolve_chat_template
+from jaxpost.rewards.rubrics import load_rubric_rows, policy_rubric
 
-logger = logging.getLogger("jaxpost.data")
+logger = logging.getLogger("jaxpost.data.datasets")
 
 DATASET_FORMS = (
     "reasoning-gym:TASK[#OPTION=VALUE&...]  (OPTIONs are the task's config fields)",
     "gsm8k | gsm8k:train | gsm8k:test  (Hugging Face openai/gsm8k, config 'main')",
     "gsm8k:PATH  (local JSONL in GSM8K format)",
     "jsonl:PATH[#question=COLUMN&answer=COLUMN&reasoning=COLUMN]  (reasoning: the worked "
-    "solutions an SFT warm-up learns from, see jaxpost.demonstrations)",
+    "solutions an SFT warm-up learns from, see jaxpost.data.demonstrations)",
     "rubric-demo  (the example rubrics shipped with jaxpost)",
     "rubric-jsonl:PATH  (JSONL: question, optional reference_answer, rubric)",
     "rar-medicine | rar-science | openrubrics [:SPLIT or :LOCAL_FILE]  (Hugging Face "
@@ -56,7 +56,7 @@ _GSM8K_FORMAT = (
     'one JSON object per line, {"question": "...", "answer": "worked solution\\n#### 42"}'
 )
 _JSONL_FORMAT = "one JSON object per line with a question column and an answer column"
-# `reasoning` names the worked-solution column for jaxpost.demonstrations; loading keeps
+# `reasoning` names the worked-solution column for jaxpost.data.demonstrations; loading keeps
 # that column like any other, so the option changes nothing here.
 _JSONL_COLUMN_OPTIONS = ("question", "answer", "reasoning")
 RUBRIC_KINDS = ("rubric-demo", "rubric-jsonl", "rar-medicine", "rar-science", "openrubrics")
@@ -330,7 +330,7 @@ def load_examples(
         reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
         message = f"{name}: skipped {sum(skipped.values())} of {total} rows ({reasons})"
         logger.warning(message)
-        print(f"WARNING jaxpost.data: {message}")
+        print(f"WARNING jaxpost.data.datasets: {message}")
     if not examples:
         raise ValueError(f"dataset {name} has no usable examples")
 

@@ -1,9 +1,9 @@
 """Local Hugging Face checkpoints of the families Tunix 0.1.7 reads from safetensors.
 
-Gemma 3 lives in :mod:`jaxpost.models`; this module adds Gemma 2, Qwen 2.5, Qwen 3 (dense
+Gemma 3 lives in :mod:`jaxpost.models.loading`; this module adds Gemma 2, Qwen 2.5, Qwen 3 (dense
 and MoE) and Llama 3.x. Each loader has the signature
 ``(path, source, mesh, dtype) -> LoadedModel`` and is registered in
-``jaxpost.models.LOCAL_LOADERS`` under its ``config.json`` ``model_type``.
+``jaxpost.models.loading.LOCAL_LOADERS`` under its ``config.json`` ``model_type``.
 
 A loader reads ``config.json``, builds the Tunix ``ModelConfig`` field by field (a
 required key that is missing, or a value Tunix cannot represent, raises ``ValueError``
@@ -11,8 +11,8 @@ naming the key), checks the safetensors headers against that config (names and s
 so a truncated download or a mismatched config fails with the tensor's name rather than
 deep inside Tunix), then calls Tunix's ``create_model_from_safe_tensors`` on the mesh.
 
-``jaxpost.models`` imports this module to fill its loader table; the types both use
-live in :mod:`jaxpost.model_types`.
+``jaxpost.models.loading`` imports this module to fill its loader table; the types both use
+live in :mod:`jaxpost.models.types`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxpost.mesh import use_mesh
-from jaxpost.model_types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
+from jaxpost.runtime.mesh import use_mesh
+from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
 
 # Safetensors dtypes that Tunix's memory-mapped loader can read (it assumes one dtype per
 # file; anything else goes through its slower per-tensor path).
@@ -466,7 +466,7 @@ def load_llama3_dir(path: Path, source: str, mesh, dtype) -> Any:
                      create=params.create_model_from_safe_tensors)
 
 
-# Hugging Face ``model_type`` -> loader; merged into jaxpost.models.LOCAL_LOADERS.
+# Hugging Face ``model_type`` -> loader; merged into jaxpost.models.loading.LOCAL_LOADERS.
 LOADERS: dict[str, Callable] = {
     "gemma2": load_gemma2_dir,
     "qwen2": load_qwen2_dir,

@@ -17,9 +17,9 @@ normalised criteria ``[{"text": str, "category": str, "weight": float | null}, .
 (Grain batches only scalar columns), next to ``question`` and ``answer`` (the
 reference answer, possibly empty).
 
-The judges that decide criteria live in :mod:`jaxpost.judges`; this module combines
+The judges that decide criteria live in :mod:`jaxpost.rewards.judges`; this module combines
 their decisions into one reward per completion (:func:`explicit_reward`,
-:func:`implicit_reward`) and registers nothing by itself: :mod:`jaxpost.rewards` lists
+:func:`implicit_reward`) and registers nothing by itself: :mod:`jaxpost.rewards.registry` lists
 :func:`rubric` in its registry.
 """
 
@@ -36,10 +36,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from jaxpost.jsonl import read_jsonl
-from jaxpost.prompts import strip_end_marker
+from jaxpost.data.jsonl import read_jsonl
+from jaxpost.data.prompts import strip_end_marker
 
-logger = logging.getLogger("jaxpost.rubrics")
+logger = logging.getLogger("jaxpost.rewards.rubrics")
 
 # The criteria's categories, in the order of a rubric_category_weights tuple.
 CATEGORIES = ("essential", "important", "optional", "pitfall")
@@ -310,7 +310,7 @@ def load_rubric_rows(kind: str, arg: str | None, skipped: collections.Counter) -
 
 
 class Judge(Protocol):
-    """What the rubric reward needs from a judge (see :mod:`jaxpost.judges`)."""
+    """What the rubric reward needs from a judge (see :mod:`jaxpost.rewards.judges`)."""
 
     def score_criteria(self, queries: Sequence["CriterionQuery"]) -> list[float | None]: ...
 
@@ -406,7 +406,7 @@ def rubric(
     """Rubric reward: a judge checks the completion against its question's rubric.
 
     Needs the dataset columns ``rubric`` (JSON, see the module docstring) and
-    ``question``; ``judge`` is bound by :func:`jaxpost.rewards.create_reward_functions`
+    ``question``; ``judge`` is bound by :func:`jaxpost.rewards.registry.create_reward_functions`
     (the session builds it). ``rubric_aggregation="explicit"``: the judge scores each
     criterion and :func:`explicit_reward` combines them; ``"implicit"``: the judge
     rates the whole rubric from 1 to 10 and :func:`implicit_reward` maps it. The
@@ -434,7 +434,7 @@ def rubric(
         if len(col) != len(completions):
             raise ValueError(f"rubric: column {name!r} has {len(col)} values for "
                              f"{len(completions)} completions")
-    # Imported here: jaxpost.rewards imports this module for its registry.
+    # Imported here: jaxpost.rewards.registry imports this module for its registry.
 
     rubrics = [parse_rubric(str(r)) for r in raw_rubrics]
     texts = [strip_end_marker(c) for c in completions]

@@ -1,6 +1,6 @@
 """Reading JSONL files: one JSON object per line, bad lines counted, not fatal.
 
-The datasets (jaxpost.data), rubrics, demonstrations and preference pairs all read their
+The datasets (jaxpost.data.datasets), rubrics, demonstrations and preference pairs all read their
 files through :func:`read_jsonl`, so a file is judged the same way wherever it is named.
 """
 

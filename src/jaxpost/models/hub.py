@@ -5,7 +5,7 @@
   without network (``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached).
 * :func:`kaggle_download` fetches a Kaggle Models handle with ``kagglehub``, and
   :func:`load_kaggle_checkpoint` loads a Gemma Flax (Orbax) checkpoint from it as Tunix's
-  GRPO demo does (:func:`jaxpost.models.load_kaggle` picks the loader) (``create_model_from_checkpoint`` for Gemma 3,
+  GRPO demo does (:func:`jaxpost.models.loading.load_kaggle` picks the loader) (``create_model_from_checkpoint`` for Gemma 3,
   ``Gemma.from_params`` for Gemma 1/2). The Tunix config comes from the handle's
   variation name (see :data:`KAGGLE_VARIATIONS`).
 
@@ -23,10 +23,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jaxpost.mesh import use_mesh
-from jaxpost import cache
-from jaxpost.credentials import WHERE_TO_ADD
-from jaxpost.model_types import LoadedModel, eos_ids, load_sentencepiece
+from jaxpost.runtime.mesh import use_mesh
+from jaxpost.runtime import cache
+from jaxpost.runtime.credentials import WHERE_TO_ADD
+from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece
 
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -263,7 +263,7 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
     Args:
       root: the kagglehub download directory.
       km: the parsed handle.
-      source, mesh, dtype: as in :func:`jaxpost.models.load_model`.
+      source, mesh, dtype: as in :func:`jaxpost.models.loading.load_model`.
       model_config: the Tunix config; None uses the variation's preset (Gemma 3 only:
         Gemma 1/2's ``from_params`` always builds its preset).
     """
@@ -271,7 +271,6 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
     from flax import nnx
 
     from jaxpost import fast_logits
-
     ckpt = kaggle_checkpoint_dir(root, km.variation)
     tokenizer = load_sentencepiece(find_tokenizer_model(root))
     with use_mesh(mesh):

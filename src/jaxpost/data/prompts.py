@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-logger = logging.getLogger("jaxpost.prompts")
+logger = logging.getLogger("jaxpost.data.prompts")
 
 CHAT_TEMPLATES = ("auto", "gemma", "chatml", "llama3", "none")
 
@@ -114,7 +114,7 @@ def resolve_chat_template(model_source: str, chat_template: str = "auto") -> str
 
 
 def model_chat_template(loaded: Any, chat_template: str = "auto") -> str:
-    """:func:`resolve_chat_template` for a loaded model (``jaxpost.models.LoadedModel``).
+    """:func:`resolve_chat_template` for a loaded model (``jaxpost.models.loading.LoadedModel``).
 
     A ``gguf:`` source names a file, not a family: its template comes from the Hugging
     Face directory it was converted into (``loaded.path``, whose config.json names the
@@ -238,7 +238,7 @@ def format_prompt(
         :meth:`PromptFormat.from_config` reads), converted here.
       rubric: optional criteria (str, or objects with a `.text` str), listed
         after the question under "Your answer will be judged on:"
-        (:func:`jaxpost.rubrics.policy_rubric` gives them for a dataset's rubric).
+        (:func:`jaxpost.rewards.rubrics.policy_rubric` gives them for a dataset's rubric).
       template: a resolved template name that overrides the format's; with a
         config, it skips `resolve_chat_template` (which may read config.json) when
         formatting many prompts.

@@ -14,12 +14,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-from jaxpost.judge_common import API_SCALE, CRITERION_PROMPT, RUBRIC_PROMPT, JudgeStats, \
+from jaxpost.rewards.judge_common import API_SCALE, CRITERION_PROMPT, RUBRIC_PROMPT, JudgeStats, \
     rubric_lines
-from jaxpost.rubrics import CriterionQuery, RubricQuery
+from jaxpost.rewards.rubrics import CriterionQuery, RubricQuery
 
 # The judges log under one name, whichever module holds them.
-logger = logging.getLogger("jaxpost.judges")
+logger = logging.getLogger("jaxpost.rewards.judges")
 
 
 class JudgeRequestError(RuntimeError):
@@ -38,7 +38,7 @@ class APIJudge:
     Replies are cached by (question, completion, criterion) -- or the whole rubric for
     ratings -- so a repeated completion costs no request.
 
-    The key (a :class:`jaxpost.credentials.Secret`, or None for servers without one)
+    The key (a :class:`jaxpost.runtime.credentials.Secret`, or None for servers without one)
     goes only into the ``Authorization`` header; logs and exceptions have it redacted.
     """
 
@@ -66,7 +66,7 @@ class APIJudge:
         return f"APIJudge(url={self.url!r}, model={self.model!r}, key={'***' if self._key else None})"
 
     def _redact(self, text: str) -> str:
-        from jaxpost.credentials import redact
+        from jaxpost.runtime.credentials import redact
 
         return redact(text, [self._key.reveal()] if self._key is not None else [])
 

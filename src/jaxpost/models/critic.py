@@ -61,7 +61,7 @@ def build_value_model(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: 
     state copies no buffer), adapted like the policy (``rank``, ``alpha``,
     ``target_modules``) but from another ``seed``, so the two never share adapters.
     """
-    from jaxpost.lora import apply_lora
+    from jaxpost.models.lora import apply_lora
 
     graphdef, state = nnx.split(base_model)
     backbone = apply_lora(nnx.merge(graphdef, state), mesh, rank=rank, alpha=alpha,

@@ -12,11 +12,11 @@ any parameter whose name matches a field of its algorithm config (``beta``,
 ``epsilon``, ``num_generations``, ...), so no reward here uses such a name.
 
 Reading a completion (its answer, its number, whether it echoes the prompt) lives in
-:mod:`jaxpost.answers`; this module scores. The built-ins take the tag names as keyword-only parameters (``reasoning_tag``,
+:mod:`jaxpost.rewards.answers`; this module scores. The built-ins take the tag names as keyword-only parameters (``reasoning_tag``,
 ``answer_tag``); :func:`create_reward_functions` binds them from the config and
 applies the reward weights. The registry :data:`REWARDS` is an explicit dict.
 
-``rubric`` (:func:`jaxpost.rubrics.rubric`) needs a judge, which the session builds
+``rubric`` (:func:`jaxpost.rewards.rubrics.rubric`) needs a judge, which the session builds
 (it may need the model); :func:`create_reward_functions` binds it when given
 ``judge=``, with ``rubric_aggregation`` and ``rubric_category_weights`` from the config.
 """
@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from jaxpost.answers import (  # noqa: F401  (re-exported)
+from jaxpost.rewards.answers import (  # noqa: F401  (re-exported)
     ECHO_MIN_WORDS,
     echoes_prompt,
     extract_answer,
@@ -39,8 +39,8 @@ from jaxpost.answers import (  # noqa: F401  (re-exported)
     numbers_equal,
     parse_number,
 )
-from jaxpost.prompts import END_MARKERS, strip_end_marker  # noqa: F401  (re-exported)
-from jaxpost.rubrics import DEFAULT_CATEGORY_WEIGHTS, rubric
+from jaxpost.data.prompts import END_MARKERS, strip_end_marker  # noqa: F401  (re-exported)
+from jaxpost.rewards.rubrics import DEFAULT_CATEGORY_WEIGHTS, rubric
 
 __all__ = [
     "ECHO_MIN_WORDS",
@@ -467,7 +467,7 @@ def create_reward_functions(config: _RewardConfig, judge: Any = None) -> list[Re
 
     Args:
       config: the run's config (or any object with the fields above).
-      judge: the judge for ``rubric`` (:func:`jaxpost.judges.build_judge`); required
+      judge: the judge for ``rubric`` (:func:`jaxpost.rewards.judges.build_judge`); required
         when a reward takes one.
 
     Raises:
@@ -490,7 +490,7 @@ def create_reward_functions(config: _RewardConfig, judge: Any = None) -> list[Re
             if judge is None:
                 raise ValueError(
                     f"reward {name!r} needs a judge: pass create_reward_functions(config, "
-                    "judge=jaxpost.judges.build_judge(config, loaded)) (prepare_session does)")
+                    "judge=jaxpost.rewards.judges.build_judge(config, loaded)) (prepare_session does)")
             bound_tags.update({k: v for k, v in judged.items() if k in params})
         out: RewardFn = fn
         if bound_tags:

@@ -304,7 +304,7 @@ def check_model_access(model: str, credentials: Credentials,
 
     Only sources known to be gated are checked here (Gemma on Kaggle Models); for the
     Hugging Face Hub the Hub itself says whether a repo is gated, and
-    ``jaxpost.hub`` turns that answer into the same message.
+    ``jaxpost.models.hub`` turns that answer into the same message.
 
     Raises:
       PermissionError: naming the secrets to add and where to add them.

@@ -13,7 +13,7 @@ reach. The reasoning R always comes from the data, never from a guess:
   - sft-jsonl: a user's file of question/completion pairs, used as written.
 
 A demonstration whose reasoning or answer is empty, or whose completion is not one that
-``jaxpost.rewards.format_exact`` scores 1.0, is skipped and counted in one warning.
+``jaxpost.rewards.registry.format_exact`` scores 1.0, is skipped and counted in one warning.
 
 This module imports neither JAX nor the data pipeline at import time: the config checks
 ``sft_data`` with :func:`check_sft_data_spec` whenever one is built.
@@ -32,11 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jaxpost.answers import extract_answer
-from jaxpost.jsonl import read_jsonl
-from jaxpost.prompts import strip_end_marker
+from jaxpost.rewards.answers import extract_answer
+from jaxpost.data.jsonl import read_jsonl
+from jaxpost.data.prompts import strip_end_marker
 
-logger = logging.getLogger("jaxpost.demonstrations")
+logger = logging.getLogger("jaxpost.data.demonstrations")
 
 __all__ = [
     "RATIONALE_BUILDERS",
@@ -252,7 +252,7 @@ def parse_file_spec(spec: str, kind: str, allowed: tuple[str, ...],
                                                                         int | None]:
     """(path, column options, max) of a ``KIND:PATH[#KEY=VALUE&...]`` spec.
 
-    Shared by ``sft-jsonl:`` here and ``preference-jsonl:`` (jaxpost.preferences).
+    Shared by ``sft-jsonl:`` here and ``preference-jsonl:`` (jaxpost.data.preferences).
 
     Args:
       kind: the prefix, e.g. ``"sft-jsonl"``. allowed: the option keys besides ``max``.
@@ -289,11 +289,11 @@ def _parse_sft_jsonl(spec: str) -> tuple[str, dict[str, str], int | None]:
 
 def _check_dataset_source(spec: str, label: str) -> Any:
     """The parsed dataset spec, if demonstrations can come from it."""
-    from jaxpost.data import parse_dataset_spec
+    from jaxpost.data.datasets import parse_dataset_spec
 
     kind = re.split(r"[:#]", spec.strip(), maxsplit=1)[0]
     if kind not in _DATASET_KINDS:
-        from jaxpost.data import RUBRIC_KINDS
+        from jaxpost.data.datasets import RUBRIC_KINDS
 
         why = (f"{kind!r} datasets hold rubrics, not worked solutions" if kind in RUBRIC_KINDS
                else f"unknown kind {kind!r}")
@@ -357,7 +357,7 @@ def _reasoning_column(parsed: Any, examples: list[dict], source: str) -> str:
 def _from_dataset(spec: str, label: str, seed: int, max_examples: int | None,
                   skipped: collections.Counter) -> list[tuple[str, str, str]]:
     """(question, reasoning, answer) of each example of a dataset spec that has one."""
-    from jaxpost.data import load_examples
+    from jaxpost.data.datasets import load_examples
 
     parsed = _check_dataset_source(spec, label)
     examples = load_examples(parsed, seed=seed, max_examples=max_examples)
@@ -387,7 +387,7 @@ def _same_answer(answer: str, reference: str) -> bool:
 
 def _from_reasoning_gym(task: str, examples: list[dict],
                         skipped: collections.Counter) -> list[tuple[str, str, str]]:
-    from jaxpost.rewards import _reasoning_gym_scorer
+    from jaxpost.rewards.registry import _reasoning_gym_scorer
 
     build, verify = RATIONALE_BUILDERS[task], _reasoning_gym_scorer(task)
     triples = []
@@ -452,16 +452,16 @@ def load_demonstrations(spec: str, *, dataset: str, seed: int, max_examples: int
       spec: "auto", a dataset spec with worked solutions, or "sft-jsonl:PATH[...]".
       dataset: the run's dataset spec, which "auto" stands for.
       seed: seeds reasoning-gym generation and the order, as in
-        ``jaxpost.data.load_examples`` ("auto" gives the run's own examples).
+        ``jaxpost.data.datasets.load_examples`` ("auto" gives the run's own examples).
       max_examples: cap used when the spec has no ``#max`` (for reasoning-gym, the
         number generated).
       reasoning_tag, answer_tag: the tags of the completions (names, no brackets).
 
     Returns:
       The demonstrations in a seeded order, each completion scoring 1.0 on
-      ``jaxpost.rewards.format_exact`` with these tags. Skipped rows (no reasoning,
+      ``jaxpost.rewards.registry.format_exact`` with these tags. Skipped rows (no reasoning,
       empty answer, a malformed completion, a rationale the verifier rejects) are
-      counted in one warning of the "jaxpost.demonstrations" logger.
+      counted in one warning of the "jaxpost.data.demonstrations" logger.
 
     Raises:
       ValueError: a bad spec (see :func:`check_sft_data_spec`, applied to the dataset
@@ -469,7 +469,7 @@ def load_demonstrations(spec: str, *, dataset: str, seed: int, max_examples: int
         the columns found and expected), or no demonstration left.
       FileNotFoundError: a local file is missing.
     """
-    from jaxpost.rewards import format_exact
+    from jaxpost.rewards.registry import format_exact
 
     check_sft_data_spec(spec)
     text = spec.strip()

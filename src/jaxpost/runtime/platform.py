@@ -151,7 +151,7 @@ def mesh_defaults(info: PlatformInfo, num_heads: int | None = None) -> tuple[int
     demos use ``tp=4``), else two ways or not at all, and parameters over the rest; GPUs
     shard parameters over all devices; a CPU uses every device JAX shows (one, unless
     ``--xla_force_host_platform_device_count``). ``num_heads`` None assumes any ``tp``
-    divides them (see :func:`jaxpost.models.attention_heads`).
+    divides them (see :func:`jaxpost.models.loading.attention_heads`).
     """
     n = info.num_devices
     if info.kind == "cpu":
@@ -196,7 +196,7 @@ def memory_defaults(info: PlatformInfo, config: ColabTrainingConfig) -> dict[str
 def auto_config(info: PlatformInfo | None = None) -> ColabTrainingConfig:
     """The preset for the platform with its mesh and memory defaults applied."""
     info = info or detect_platform()
-    from jaxpost.models import attention_heads
+    from jaxpost.models.loading import attention_heads
 
     config = get_preset(info.preset)
     heads = attention_heads(config.model)

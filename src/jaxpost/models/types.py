@@ -1,7 +1,7 @@
 """What every model loader returns, and the pieces all of them share.
 
-:class:`LoadedModel` is the value of :func:`jaxpost.models.load_model` and of each
-family's loader (:mod:`jaxpost.model_families`, :mod:`jaxpost.hub`);
+:class:`LoadedModel` is the value of :func:`jaxpost.models.loading.load_model` and of each
+family's loader (:mod:`jaxpost.models.families`, :mod:`jaxpost.models.hub`);
 :func:`load_sentencepiece` and :func:`eos_ids` build its tokenizer and end-of-turn ids
 the same way for every source.
 """

@@ -30,11 +30,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpost import cache, fast_logits, hub
+from jaxpost import fast_logits
+
+from jaxpost.runtime import cache
+
+from jaxpost.models import hub
 from jaxpost.config import MODEL_PREFIXES
-from jaxpost.mesh import make_mesh, use_mesh
-from jaxpost.model_families import LOADERS as _FAMILY_LOADERS
-from jaxpost.model_types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
+from jaxpost.runtime.mesh import make_mesh, use_mesh
+from jaxpost.models.families import LOADERS as _FAMILY_LOADERS
+from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
 
 SOURCE_FORMS = (
     "embedded:gemma3-270m",
@@ -68,7 +72,7 @@ def embedded_model_dir(show_progress: bool = True) -> Path:
     caches it; later calls only verify the cache. A partial or corrupt entry is
     reported and rebuilt.
     """
-    from jaxpost.gguf_import import convert_gguf_to_hf
+    from jaxpost.models.gguf import convert_gguf_to_hf
 
     entry = cache.cache_root() / "models" / _EMBEDDED_ENTRY
     problem = cache.verify_entry(entry)
@@ -94,7 +98,7 @@ def gguf_model_dir(gguf_path: str | os.PathLike, show_progress: bool = True) -> 
     Raises:
       FileNotFoundError: ``gguf_path`` is not a file.
     """
-    from jaxpost.gguf_import import convert_gguf_to_hf
+    from jaxpost.models.gguf import convert_gguf_to_hf
 
     path = Path(gguf_path).expanduser()
     if not path.is_file():
@@ -264,7 +268,7 @@ def _load_gemma3_dir(path: Path, source: str, mesh, dtype) -> LoadedModel:
 
 
 # Hugging Face ``model_type`` -> loader for a local directory. Other families register
-# here (see jaxpost.model_families).
+# here (see jaxpost.models.families).
 LOCAL_LOADERS: dict[str, Any] = {
     "gemma3": _load_gemma3_dir,
     "gemma3_text": _load_gemma3_dir,
@@ -395,7 +399,7 @@ def load_model(
 def load_kaggle(handle: str, source: str, mesh, dtype) -> LoadedModel:
     """Downloads ``handle`` with kagglehub and loads it (``kaggle:`` sources).
 
-    ``flax`` handles are Gemma Orbax checkpoints (see :data:`jaxpost.hub.KAGGLE_VARIATIONS`);
+    ``flax`` handles are Gemma Orbax checkpoints (see :data:`jaxpost.models.hub.KAGGLE_VARIATIONS`);
     ``transformers`` handles are Hugging Face directories, loaded like a local one.
     The handle is checked before any download.
     """

@@ -2,7 +2,7 @@
 
 The output directory holds ``config.json`` (``model_type: gemma3_text``),
 ``model.safetensors`` (float32, Hugging Face tensor names) and ``tokenizer.model``
-(SentencePiece), which is exactly what :func:`jaxpost.models.load_model` reads from any
+(SentencePiece), which is exactly what :func:`jaxpost.models.loading.load_model` reads from any
 local Hugging Face checkpoint. Converting once and loading through the common path keeps
 one loader for every source.
 

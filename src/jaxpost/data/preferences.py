@@ -29,9 +29,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxpost.demonstrations import parse_file_spec
-from jaxpost.jsonl import read_jsonl
-from jaxpost.prompts import strip_end_marker
+from jaxpost.data.demonstrations import parse_file_spec
+from jaxpost.data.jsonl import read_jsonl
+from jaxpost.data.prompts import strip_end_marker
 
 __all__ = [
     "PREFERENCE_DATA_FORMS",
@@ -120,7 +120,7 @@ def check_preference_data_spec(spec: str) -> None:
     if kind == _PREFERENCE_JSONL:
         _parse_preference_jsonl(text)
         return
-    from jaxpost.data import RUBRIC_KINDS
+    from jaxpost.data.datasets import RUBRIC_KINDS
 
     if kind in ("gsm8k", "jsonl", "reasoning-gym", *RUBRIC_KINDS):
         raise _invalid(spec, f"{kind!r} is a dataset of questions (and answers or rubrics), "
@@ -156,7 +156,7 @@ def load_preference_jsonl(spec: str, *, seed: int,
     Returns:
       The usable pairs. Rows without a usable question, chosen or rejected text, or
       whose chosen and rejected texts are equal (no preference), are skipped and
-      counted in one warning of the "jaxpost.preferences" logger.
+      counted in one warning of the "jaxpost.data.preferences" logger.
 
     Raises:
       ValueError: a bad spec, a file without one of the columns (naming the columns
@@ -216,7 +216,7 @@ def load_preference_jsonl(spec: str, *, seed: int,
         raise ValueError(f"preference_data {spec!r} gives no usable pairs: "
                          f"{reasons or 'the file is empty'}")
     if skipped:
-        logging.getLogger("jaxpost.preferences").warning(
+        logging.getLogger("jaxpost.data.preferences").warning(
             "%s: skipped %d of %d rows: %s", path, sum(skipped.values()),
             len(pairs) + sum(skipped.values()), reasons)
     return pairs

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxpost.judge_common import (CRITERION_PROMPT, MODEL_SCALE, RUBRIC_PROMPT, JudgeStats,
+from jaxpost.rewards.judge_common import (CRITERION_PROMPT, MODEL_SCALE, RUBRIC_PROMPT, JudgeStats,
                                   rubric_lines)
-from jaxpost.rubrics import CriterionQuery, RubricQuery
+from jaxpost.rewards.rubrics import CriterionQuery, RubricQuery
 
 # The judges log under one name, whichever module holds them.
-logger = logging.getLogger("jaxpost.judges")
+logger = logging.getLogger("jaxpost.rewards.judges")
 
 
 def _bucket(n: int, step: int = 64) -> int:
@@ -52,8 +52,8 @@ class ModelJudge:
     constant in it, so a trained model can be judged without a recompile.
 
     Args:
-      loaded: a :class:`jaxpost.models.LoadedModel` (model, tokenizer, mesh).
-      template: chat template name of that model (``jaxpost.prompts``).
+      loaded: a :class:`jaxpost.models.loading.LoadedModel` (model, tokenizer, mesh).
+      template: chat template name of that model (``jaxpost.data.prompts``).
       batch_size: rows per forward pass.
       max_tokens: longest judge prompt in tokens; a longer one keeps its BOS and its
         last ``max_tokens - 1`` tokens (the criterion and the question to answer).
@@ -63,7 +63,7 @@ class ModelJudge:
         import jax
         from flax import nnx
 
-        from jaxpost.prompts import PromptFormat
+        from jaxpost.data.prompts import PromptFormat
 
         self.loaded = loaded
         self.template = template
@@ -106,7 +106,7 @@ class ModelJudge:
         return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
 
     def _prompt(self, body: str) -> str:
-        from jaxpost.prompts import format_prompt
+        from jaxpost.data.prompts import format_prompt
 
         return format_prompt(body, self._format)
 
@@ -126,7 +126,7 @@ class ModelJudge:
         """[len(prompts), vocab] next-token log-probabilities, batch by batch."""
         from flax import nnx
 
-        from jaxpost.mesh import use_mesh
+        from jaxpost.runtime.mesh import use_mesh
 
         pad = self._pad
         ids = self._encode(prompts)
