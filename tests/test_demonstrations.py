@@ -19,7 +19,8 @@ from jaxpost.data.demonstrations import (
     load_demonstrations,
     strip_calculator_notes,
 )
-from jaxpost.rewards.registry import extract_answer, format_exact
+from jaxpost.rewards.answers import extract_answer
+from jaxpost.rewards.builtin import format_exact
 
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -96,7 +97,7 @@ def test_strip_calculator_notes():
 
 def test_auto_on_the_default_dataset_gives_verified_arithmetic():
     from jaxpost.data.datasets import load_examples
-    from jaxpost.rewards.registry import reasoning_gym
+    from jaxpost.rewards.builtin import reasoning_gym
 
     demos = load_demonstrations("auto", dataset=DEFAULT_DATASET, seed=0, max_examples=64)
     examples = load_examples(DEFAULT_DATASET, seed=0, max_examples=64)
@@ -143,7 +144,7 @@ def test_the_task_verifier_has_the_last_word(monkeypatch):
             return 0.0
         return score
 
-    monkeypatch.setattr("jaxpost.rewards.registry._reasoning_gym_scorer", reject)
+    monkeypatch.setattr("jaxpost.rewards.builtin._reasoning_gym_scorer", reject)
     with pytest.raises(ValueError, match="no usable demonstrations: 8 rejected by the task's "
                                          "verifier"):
         load_demonstrations("auto", dataset=DEFAULT_DATASET, seed=0, max_examples=8)

@@ -1,4 +1,5 @@
-"""Unit tests for jaxpost.rewards.registry: hand-written completions, good and malformed."""
+"""Unit tests for the built-in rewards and the registry: hand-written completions, good
+and malformed."""
 
 from __future__ import annotations
 
@@ -8,22 +9,25 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxpost.rewards import registry as rewards
-from jaxpost.rewards.registry import (
+from jaxpost.rewards.answers import (
     ECHO_MIN_WORDS,
-    REWARDS,
-    answer_match,
-    answer_number,
-    create_reward_functions,
     echoes_prompt,
     extract_answer,
-    format_approximate,
-    format_exact,
-    get_reward,
-    list_rewards,
     normalize_answer,
     parse_number,
+)
+from jaxpost.rewards.builtin import (
+    answer_match,
+    answer_number,
+    format_approximate,
+    format_exact,
     reasoning_gym,
+)
+from jaxpost.rewards.registry import (
+    REWARDS,
+    create_reward_functions,
+    get_reward,
+    list_rewards,
     register_reward,
 )
 

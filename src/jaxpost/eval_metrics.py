@@ -74,7 +74,7 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
         leaves them out.
       prompt: the full formatted prompt the completions answer; ``format`` then counts a
         completion that copies the instruction as badly formatted
-        (``jaxpost.rewards.registry.echoes_prompt``). None skips that check.
+        (``jaxpost.rewards.answers.echoes_prompt``). None skips that check.
 
     Returns:
       A JSON-serialisable dict: ``question``, ``reference``, ``answer_reward`` (the
@@ -84,7 +84,9 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
       ``partial_credit`` (``answer_match``), ``tokens`` and ``truncated`` (when a
       tokenizer is given); and ``pass@k``.
     """
-    from jaxpost.rewards import registry as rewards
+    from jaxpost.rewards import builtin as rewards
+    from jaxpost.rewards.answers import extract_answer
+
     completions = list(completions)
     n = len(completions)
     columns = {key: [example[key]] * n for key in ("answer", "task", "entry") if key in example}
@@ -103,7 +105,7 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
         "reference": example["answer"],
         "answer_reward": reward_name,
         "completions": completions,
-        "extracted": [rewards.extract_answer(c, answer_tag) for c in completions],
+        "extracted": [extract_answer(c, answer_tag) for c in completions],
         "answer_score": [float(s) for s in answer_scores],
         "correct": correct,
         "format": rewards.format_exact([prompt] * n if prompt is not None else None,

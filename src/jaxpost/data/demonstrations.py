@@ -13,7 +13,7 @@ reach. The reasoning R always comes from the data, never from a guess:
   - sft-jsonl: a user's file of question/completion pairs, used as written.
 
 A demonstration whose reasoning or answer is empty, or whose completion is not one that
-``jaxpost.rewards.registry.format_exact`` scores 1.0, is skipped and counted in one warning.
+``jaxpost.rewards.builtin.format_exact`` scores 1.0, is skipped and counted in one warning.
 
 This module imports neither JAX nor the data pipeline at import time: the config checks
 ``sft_data`` with :func:`check_sft_data_spec` whenever one is built.
@@ -387,7 +387,7 @@ def _same_answer(answer: str, reference: str) -> bool:
 
 def _from_reasoning_gym(task: str, examples: list[dict],
                         skipped: collections.Counter) -> list[tuple[str, str, str]]:
-    from jaxpost.rewards.registry import _reasoning_gym_scorer
+    from jaxpost.rewards.builtin import _reasoning_gym_scorer
 
     build, verify = RATIONALE_BUILDERS[task], _reasoning_gym_scorer(task)
     triples = []
@@ -459,7 +459,7 @@ def load_demonstrations(spec: str, *, dataset: str, seed: int, max_examples: int
 
     Returns:
       The demonstrations in a seeded order, each completion scoring 1.0 on
-      ``jaxpost.rewards.registry.format_exact`` with these tags. Skipped rows (no reasoning,
+      ``jaxpost.rewards.builtin.format_exact`` with these tags. Skipped rows (no reasoning,
       empty answer, a malformed completion, a rationale the verifier rejects) are
       counted in one warning of the "jaxpost.data.demonstrations" logger.
 
@@ -469,7 +469,7 @@ def load_demonstrations(spec: str, *, dataset: str, seed: int, max_examples: int
         the columns found and expected), or no demonstration left.
       FileNotFoundError: a local file is missing.
     """
-    from jaxpost.rewards.registry import format_exact
+    from jaxpost.rewards.builtin import format_exact
 
     check_sft_data_spec(spec)
     text = spec.strip()

@@ -1,6 +1,6 @@
 """Reading a completion: its answer, the number in it, and whether it echoes the prompt.
 
-The reward functions (:mod:`jaxpost.rewards.registry`), the evaluation and the demonstrations all
+The reward functions (:mod:`jaxpost.rewards.builtin`), the evaluation and the demonstrations all
 read completions through these, so an answer counts the same way everywhere.
 """
 
