@@ -12,13 +12,12 @@ import pytest
 
 from jaxpost.config import DEFAULT_DATASET
 from jaxpost.data.demonstrations import (
-    RATIONALE_BUILDERS,
     Demonstration,
     check_sft_data_spec,
-    evaluation_steps,
     load_demonstrations,
     strip_calculator_notes,
 )
+from jaxpost.data.rationales import RATIONALE_BUILDERS, evaluation_steps
 from jaxpost.rewards.answers import extract_answer
 from jaxpost.rewards.builtin import format_exact
 

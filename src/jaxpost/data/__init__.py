@@ -4,7 +4,8 @@
   ``jsonl:PATH``, rubric sets) into Grain datasets.
 * :mod:`~jaxpost.data.prompts`: the system prompt, chat templates, :class:`PromptFormat`.
 * :mod:`~jaxpost.data.jsonl`: reading JSONL files, with the line of a bad row.
-* :mod:`~jaxpost.data.demonstrations`: worked answers for the SFT warm-up.
+* :mod:`~jaxpost.data.demonstrations`: worked answers for the SFT warm-up;
+  :mod:`~jaxpost.data.rationales` builds those of reasoning-gym arithmetic tasks.
 * :mod:`~jaxpost.data.preferences`: chosen and rejected completions for DPO.
 
 The names below are importable from ``jaxpost.data`` itself.
