@@ -5,10 +5,11 @@
 every path goes through `__post_init__`, so an invalid config cannot exist. Derived
 values (total steps, warmup steps, output sub-directories) are properties.
 
-    choices.py   the values fields may take and what None stands for
-    fields.py    ColabTrainingConfig: the fields and their validation
-    files.py     --set overrides, dicts, YAML files, a run's config.yaml, describe()
-    presets.py   the named presets and get_preset()
+    choices.py     the values fields may take and what None stands for
+    fields.py      ColabTrainingConfig: the fields, their defaults and derived values
+    validation.py  the checks every field goes through when a config is built
+    files.py       --set overrides, dicts, YAML files, a run's config.yaml, describe()
+    presets.py     the named presets and get_preset()
 
 Importing it imports no JAX, so ``jaxpost --help`` and a config's checks start fast.
 """
@@ -27,12 +28,7 @@ from jaxpost.config.choices import (
     REFERENCE_JUDGE,
     RL_ALGORITHMS,
 )
-from jaxpost.config.fields import (
-    AGGREGATIONS,
-    CATEGORIES,
-    DEFAULT_CATEGORY_WEIGHTS,
-    ColabTrainingConfig,
-)
+from jaxpost.config.fields import ColabTrainingConfig
 from jaxpost.config.files import (
     apply_overrides,
     describe,
@@ -55,6 +51,7 @@ from jaxpost.config.presets import (
     rubric_smoke_config,
     smoke_config,
 )
+from jaxpost.rewards.rubrics import AGGREGATIONS, CATEGORIES, DEFAULT_CATEGORY_WEIGHTS
 
 __all__ = [
     "AGGREGATIONS", "ALGORITHMS", "ALGORITHM_DEFAULTS", "CATEGORIES", "CHAT_TEMPLATES",

@@ -11,23 +11,19 @@ from typing import Any
 
 import yaml
 
-from jaxpost.config.fields import (
-    _BOOLS,
-    _FIELD_TYPES,
-    _NONE,
-    ColabTrainingConfig,
-    _inner,
-    _is_optional,
-    _type_name,
-)
+from jaxpost.config.fields import _FIELD_TYPES, ColabTrainingConfig
+from jaxpost.config.validation import inner_type, is_optional, type_name
 from jaxpost.rundir import RunDir
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_NONE = ("none", "null")
 
 
 def _parse(name: str, text: str, tp: Any) -> Any:
     """Convert the string `text` to annotation `tp`; ValueError names key and type."""
-    if _is_optional(tp) and text.strip().lower() in _NONE:
+    if is_optional(tp) and text.strip().lower() in _NONE:
         return None
-    base = _inner(tp)
+    base = inner_type(tp)
     try:
         if typing.get_origin(base) is tuple:
             elem = typing.get_args(base)[0]
@@ -40,7 +36,7 @@ def _parse(name: str, text: str, tp: Any) -> Any:
             return float(text)
         return text
     except (KeyError, ValueError) as e:
-        raise ValueError(f"cannot set {name}={text!r}: expected {_type_name(tp)}") from e
+        raise ValueError(f"cannot set {name}={text!r}: expected {type_name(tp)}") from e
 
 
 def _check_key(key: str) -> Any:
@@ -55,7 +51,7 @@ def _check_key(key: str) -> Any:
 def _coerce(key: str, value: Any) -> Any:
     """Accept a value of the field's type or its string spelling (CLI, YAML 1.1 '3e-6')."""
     tp = _check_key(key)
-    if isinstance(value, str) and _inner(tp) is not str:
+    if isinstance(value, str) and inner_type(tp) is not str:
         return _parse(key, value, tp)
     return value
 
