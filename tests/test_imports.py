@@ -1,4 +1,5 @@
-"""The package's modules import each other without a cycle.
+"""The package's modules import each other without a cycle, and each is short enough to
+read in one sitting.
 
 Every ``import`` counts, including those inside functions: a cycle hidden by a lazy
 import is still two modules that cannot be read, tested or changed apart.
@@ -95,6 +96,18 @@ def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
+
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_is_longer_than_the_limit():
+    """A module over MAX_MODULE_LINES holds more than one concern: split it by concern."""
+    lengths = {str(f.relative_to(PACKAGE.parent)): len(f.read_text(encoding="utf-8").splitlines())
+               for f in PACKAGE.rglob("*.py")}
+    assert len(lengths) > 30
+    over = {path: n for path, n in sorted(lengths.items()) if n > MAX_MODULE_LINES}
+    assert not over, (f"modules over {MAX_MODULE_LINES} lines: "
+                      + ", ".join(f"{path} ({n})" for path, n in over.items()))
 
 
 @pytest.mark.parametrize("package", ["jaxpost.models", "jaxpost.data", "jaxpost.rewards"])
