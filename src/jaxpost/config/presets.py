@@ -5,7 +5,8 @@ import dataclasses
 import difflib
 from collections.abc import Callable
 
-from jaxpost.config.fields import REFERENCE_JUDGE, ColabTrainingConfig
+from jaxpost.config.choices import REFERENCE_JUDGE
+from jaxpost.config.fields import ColabTrainingConfig
 
 
 def default_config() -> ColabTrainingConfig:

@@ -16,6 +16,7 @@ The names below are importable from ``jaxpost.rewards`` itself.
 from jaxpost._exports import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
+    "ECHO_MIN_WORDS": "jaxpost.rewards.answers",
     "REWARDS": "jaxpost.rewards.registry",
     "RewardFn": "jaxpost.rewards.registry",
     "answer_match": "jaxpost.rewards.builtin",

@@ -434,8 +434,6 @@ def rubric(
         if len(col) != len(completions):
             raise ValueError(f"rubric: column {name!r} has {len(col)} values for "
                              f"{len(completions)} completions")
-    # Imported here: jaxpost.rewards.registry imports this module for its registry.
-
     rubrics = [parse_rubric(str(r)) for r in raw_rubrics]
     texts = [strip_end_marker(c) for c in completions]
     questions = [str(q) for q in question]
