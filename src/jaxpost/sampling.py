@@ -6,10 +6,10 @@ from typing import Sequence
 
 from flax import nnx
 
-from jaxpost import fast_logits
 from jaxpost.runtime.mesh import use_mesh
 from jaxpost.models.loading import LoadedModel
 from jaxpost.data.prompts import PromptFormat, format_prompt, model_chat_template
+from jaxpost.tunix_ext.sampler import speed_up_sampler
 
 
 def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
@@ -25,7 +25,7 @@ def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
                                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     sampler = sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer,
                                   cache_config=cache)
-    fast_logits.speed_up_sampler(sampler)
+    speed_up_sampler(sampler)
     return sampler
 
 

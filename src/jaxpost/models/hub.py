@@ -270,7 +270,7 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
     import jax
     from flax import nnx
 
-    from jaxpost import fast_logits
+    from jaxpost.tunix_ext.gemma3 import enable
     ckpt = kaggle_checkpoint_dir(root, km.variation)
     tokenizer = load_sentencepiece(find_tokenizer_model(root))
     with use_mesh(mesh):
@@ -280,7 +280,7 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
             cfg = dataclasses.replace(model_config or km.model_config(), param_dtype=dtype)
             model = gemma3_params.create_model_from_checkpoint(
                 str(ckpt.resolve()), cfg, mesh=mesh, dtype=dtype)
-            fast_logits.enable(model)
+            enable(model)
         else:
             from tunix.models.gemma import model as gemma_model
             from tunix.models.gemma import params as gemma_params

@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpost import fast_logits
-
 from jaxpost.runtime import cache
 
 from jaxpost.models import hub
@@ -39,6 +37,7 @@ from jaxpost.config import MODEL_PREFIXES
 from jaxpost.runtime.mesh import make_mesh, use_mesh
 from jaxpost.models.families import LOADERS as _FAMILY_LOADERS
 from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
+from jaxpost.tunix_ext.gemma3 import enable as enable_trimmed_logits
 
 SOURCE_FORMS = (
     "embedded:gemma3-270m",
@@ -261,7 +260,7 @@ def _load_gemma3_dir(path: Path, source: str, mesh, dtype) -> LoadedModel:
         raise FileNotFoundError(f"{tok_file} is missing: a Gemma checkpoint needs its "
                                 "SentencePiece tokenizer.model beside config.json")
     model = load_gemma3_safetensors(path, cfg, mesh, dtype)
-    fast_logits.enable(model)
+    enable_trimmed_logits(model)
     tokenizer = load_sentencepiece(tok_file)
     return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, path,
                        eos_ids(tokenizer, hf))
@@ -421,7 +420,7 @@ def _load_random_tiny(source, mesh, dtype, seed, show_progress) -> LoadedModel:
         state = nnx.state(model)
         sharded = jax.lax.with_sharding_constraint(state, nnx.get_named_sharding(state, mesh))
         nnx.update(model, sharded)
-    fast_logits.enable(model)
+    enable_trimmed_logits(model)
     hf = json.loads((path / "config.json").read_text())
     return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, None, eos_ids(tokenizer, hf))
 

@@ -68,7 +68,7 @@ def apply_lora(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: int = 8
         if (getattr(module, "kernel_lora_a", None) is not None
                 or getattr(module, "w_lora_a", None) is not None):
             # The adapter's scale, for products jaxpost writes itself (decoding, see
-            # jaxpost.fast_logits.DecodingFeedForward and DecodingAttention); qwix keeps
+            # jaxpost.tunix_ext.decoding_layers.DecodingFeedForward and DecodingAttention); qwix keeps
             # it in its rule.
             module.lora_scale = alpha / rank
     return lora_model

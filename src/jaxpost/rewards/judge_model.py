@@ -92,7 +92,7 @@ class ModelJudge:
         from flax import nnx
         from tunix.sft import utils as sft_utils
 
-        from jaxpost.fast_logits import Gemma3TrimmedLogits
+        from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
 
         model = nnx.merge(graphdef, state)
         mask = tokens != pad

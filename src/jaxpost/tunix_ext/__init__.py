@@ -11,6 +11,7 @@
 * :mod:`~jaxpost.tunix_ext.train_step`: the LoRA-only train step.
 * :mod:`~jaxpost.tunix_ext.learners`, :mod:`~jaxpost.tunix_ext.trainers`: Tunix's RL
   learners, and its SFT and DPO trainers, as jaxpost builds them.
+* :mod:`~jaxpost.tunix_ext.checkpointing`: where those trainers write a run's checkpoints.
 * :mod:`~jaxpost.tunix_ext.versions`: the Tunix and qwix versions all of this was
   written for, checked where it is installed
   (:func:`~jaxpost.tunix_ext.versions.check_versions`).
