@@ -199,18 +199,15 @@ def completion_nll(model: nnx.Module, prompt_ids, completion_ids, completion_mas
       A float32 scalar: ``-sum(mask * log p(token)) / sum(mask)``.
     """
     from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
-    from jaxpost.tunix_ext.logps import completion_logps
+    from jaxpost.tunix_ext.logps import completion_logps, positions_and_attention
 
     mask = completion_mask.astype(jnp.float32)
     if isinstance(model, Gemma3TrimmedLogits):
         logps, _ = completion_logps(model, prompt_ids, completion_ids, pad_id)
     else:
-        from tunix.sft import utils as sft_utils
-
         ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
         valid = ids != pad_id
-        positions = sft_utils.build_positions_from_mask(valid)
-        attn = sft_utils.make_causal_attn_mask(valid)
+        positions, attn = positions_and_attention(valid)
         logits, _ = model(ids, positions, None, attn)
         comp = completion_ids.shape[1]
         logits = logits[:, -comp - 1:-1].astype(jnp.float32)
