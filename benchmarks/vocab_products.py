@@ -5,7 +5,7 @@ and gradient of the chunked completion log-probabilities for the benchmark's 512
 completion positions (8 chunks of 64), the part of a GRPO update that is two
 vocabulary-sized products per chunk. The probabilities-times-embedding product is
 formed either as one einsum contracting over the vocabulary, or as
-:func:`jaxpost.fast_logits.expected_embedding` forms it on CPU (two halves of the
+:func:`jaxpost.tunix_ext.logps.expected_embedding` forms it on CPU (two halves of the
 vocabulary as a batch dimension). Runs alternate between the two, so that both see the
 same machine load, and the script prints each one's median, minimum and every run.
 
@@ -21,19 +21,20 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxpost import fast_logits
+from jaxpost.tunix_ext import logps
+
 VOCAB, EMBED, POSITIONS, CHUNK = 262_144, 640, 512, 64
 
 
 def chunked_grad_fn(expected_embedding):
     """A jitted ``(embedding, hidden, targets) -> (sum of log-probs, d/d hidden)`` with the
     given probabilities-times-embedding product."""
-    original = fast_logits.expected_embedding
-    fast_logits.expected_embedding = expected_embedding
+    original = logps.expected_embedding
+    logps.expected_embedding = expected_embedding
     try:
         def loss(embedding, hidden, targets):
             logps, _ = jax.lax.map(
-                lambda a: fast_logits._chunk_logps(embedding, a[0], a[1], 0.9),
+                lambda a: logps._chunk_logps(embedding, a[0], a[1], 0.9),
                 (hidden.reshape(-1, CHUNK, EMBED), targets.reshape(-1, CHUNK)))
             return logps.sum()
 
@@ -42,7 +43,7 @@ def chunked_grad_fn(expected_embedding):
         jax.block_until_ready(fn(*args))  # traced and compiled while the product is set
         return fn
     finally:
-        fast_logits.expected_embedding = original
+        logps.expected_embedding = original
 
 
 def inputs():
@@ -62,7 +63,7 @@ def main() -> None:
         return jnp.einsum("vc,vd->cd", probs, embedding, preferred_element_type=jnp.float32)
 
     fns = {"einsum over the vocabulary": chunked_grad_fn(einsum),
-           "expected_embedding (halves)": chunked_grad_fn(fast_logits.expected_embedding)}
+           "expected_embedding (halves)": chunked_grad_fn(logps.expected_embedding)}
     data = inputs()
     (_, g_a), (_, g_b) = (fn(*data) for fn in fns.values())
     diff = float(jnp.abs(g_a - g_b).max() / jnp.abs(g_a).max())

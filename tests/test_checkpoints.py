@@ -105,13 +105,13 @@ def test_every_unreadable_step_is_moved_and_training_starts_over(sft_run, tmp_pa
 _FULL_DISK = textwrap.dedent("""
     import resource, signal, sys, time
     from pathlib import Path
-    from jaxpost import tunix_adapter
+    from jaxpost.tunix_ext import train_step
     from jaxpost.colab_pipeline import prepare_colab_session, train_sft
     from jaxpost.config import load_yaml
 
     config = load_yaml(sys.argv[1])
     step_1 = Path(config.checkpoint_dir).absolute() / "sft" / "1"
-    update = tunix_adapter._LoraTrainStep.__call__
+    update = train_step._LoraTrainStep.__call__
     calls = []
 
     def limited(self, inputs):
@@ -125,7 +125,7 @@ _FULL_DISK = textwrap.dedent("""
             resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
         return update(self, inputs)
 
-    tunix_adapter._LoraTrainStep.__call__ = limited
+    train_step._LoraTrainStep.__call__ = limited
     train_sft(config, prepare_colab_session(config))
 """)
 

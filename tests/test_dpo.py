@@ -17,12 +17,12 @@ import pytest
 from flax import nnx
 from tunix.sft.dpo import dpo_trainer
 
-from jaxpost import tunix_adapter
 from jaxpost.config import get_preset
 from jaxpost.dpo import preference_batches, tokenize_pairs
 from jaxpost.models.lora import apply_lora
 from jaxpost.models.loading import load_model
 from jaxpost.data.preferences import PreferencePair
+from jaxpost.tunix_ext import checkpointing, losses, trainers
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def policy_and_reference():
     before that change (a frozen copy sharing the base weights)."""
     loaded = load_model("random:gemma3-tiny", seed=0)
     model = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)
-    reference = tunix_adapter.frozen_copy(model)
+    reference = trainers.frozen_copy(model)
     state = nnx.state(model, nnx.LoRAParam)
     noisy = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
                          state)
@@ -58,7 +58,7 @@ def _batch(loaded, pairs=3, prompt_len=8, comp_len=6):
 def trainer(policy_and_reference, tmp_path_factory):
     loaded, model, reference = policy_and_reference
     out = tmp_path_factory.mktemp("dpo_trainer")
-    return tunix_adapter.build_dpo_trainer(
+    return trainers.build_dpo_trainer(
         model, reference, optax.sgd(0.0), beta=0.1, pad_id=0,
         checkpoint_dir=str(out / "ckpt"), tensorboard_dir=str(out / "tb"), max_steps=1,
         save_interval_steps=1, max_to_keep=1, metric_backends=[])
@@ -93,8 +93,8 @@ def test_chunked_loss_equals_tunix_in_value_and_gradient(policy_and_reference, t
                        label_smoothing=label_smoothing)
 
     def chunked(model, train_example, algorithm, beta, label_smoothing):
-        return tunix_adapter.dpo_loss_chunked(model, train_example, algorithm, beta,
-                                              label_smoothing, pad_id=0)
+        return losses.dpo_loss_chunked(model, train_example, algorithm, beta,
+                                       label_smoothing, pad_id=0)
 
     (ours, our_aux), our_grads = loss_and_grad(chunked)
     (tunix, tunix_aux), tunix_grads = loss_and_grad(dpo_trainer.dpo_loss_fn)
@@ -210,9 +210,9 @@ def test_margin_rises_from_zero_after_an_sft_warm_up(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(warmed, _lora(session.lora_model)))
     after = jax.tree.leaves(nnx.state(session.loaded.model, nnx.Param))
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(base, after))
-    ckpt = tunix_adapter.final_checkpoint_dir(config.checkpoint_dir)
-    assert ckpt == tunix_adapter.dpo_checkpoint_dir(config.checkpoint_dir)
-    assert tunix_adapter.latest_checkpoint_step(ckpt) == 12 == state.step
+    ckpt = checkpointing.final_checkpoint_dir(config.checkpoint_dir)
+    assert ckpt == checkpointing.dpo_checkpoint_dir(config.checkpoint_dir)
+    assert checkpointing.latest_checkpoint_step(ckpt) == 12 == state.step
 
 
 def test_self_pairs_need_samples_that_score_differently(tmp_path):

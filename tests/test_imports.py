@@ -22,8 +22,8 @@ from jaxpost import _renamed
 PACKAGE = Path(jaxpost.__file__).parent
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -34,7 +34,7 @@ def _packages_above(module: str) -> list[str]:
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> the package's modules it imports anywhere in its code."""
-    files = {_module_name(f): f for f in package.rglob("*.py")}
+    files = {_module_name(f, package): f for f in package.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, file in files.items():
         for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
@@ -108,6 +108,46 @@ def test_no_module_is_longer_than_the_limit():
     over = {path: n for path, n in sorted(lengths.items()) if n > MAX_MODULE_LINES}
     assert not over, (f"modules over {MAX_MODULE_LINES} lines: "
                       + ", ".join(f"{path} ({n})" for path, n in over.items()))
+
+
+# The libraries whose use, and every patch of whose code, lives in jaxpost.tunix_ext.
+WRAPPED_LIBRARIES = ("tunix", "qwix")
+
+
+def wrapped_imports(package: Path = PACKAGE) -> list[str]:
+    """``"module:line imports name"`` for each import of :data:`WRAPPED_LIBRARIES`
+    anywhere in the code of a module outside ``jaxpost.tunix_ext``."""
+    found = []
+    for file in sorted(package.rglob("*.py")):
+        module = _module_name(file, package)
+        if module == "jaxpost.tunix_ext" or module.startswith("jaxpost.tunix_ext."):
+            continue
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found += [f"{module}:{node.lineno} imports {name}" for name in names
+                      if name.split(".")[0] in WRAPPED_LIBRARIES]
+    return found
+
+
+def test_wrapped_imports_are_found_inside_functions(tmp_path):
+    package = tmp_path / "jaxpost"
+    (package / "tunix_ext").mkdir(parents=True)
+    (package / "tunix_ext" / "patch.py").write_text("from tunix.rl import rl_cluster\n")
+    (package / "user.py").write_text("import json\n\n\ndef f():\n    import qwix\n"
+                                     "    from tunix.sft import utils\n")
+    assert wrapped_imports(package) == ["jaxpost.user:5 imports qwix",
+                                        "jaxpost.user:6 imports tunix.sft"]
+
+
+def test_only_tunix_ext_imports_tunix_and_qwix():
+    found = wrapped_imports()
+    assert not found, ("import these through jaxpost.tunix_ext, which holds every use of "
+                       "Tunix and qwix: " + "; ".join(found))
 
 
 @pytest.mark.parametrize("package", ["jaxpost.models", "jaxpost.data", "jaxpost.rewards"])

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 from qwix._src.providers import lora as qwix_lora
 
-from jaxpost.models.lora import _lora_delta, apply_lora, install_lora_matmul, lora_matmul
 from jaxpost.models.loading import load_model
+from jaxpost.models.lora import apply_lora
+from jaxpost.tunix_ext.lora import _lora_delta, install_lora_matmul, lora_matmul
 
 
 def test_lora_matmul_gradients_equal_autodiff():

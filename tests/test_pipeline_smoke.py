@@ -45,7 +45,7 @@ def _live_bytes() -> int:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """Two GRPO steps of the smoke preset, then a resumed run to step 3."""
-    from jaxpost import tunix_adapter
+    from jaxpost.tunix_ext import train_step
     out = tmp_path_factory.mktemp("smoke_run")
     config = dataclasses.replace(get_preset("smoke"), output_dir=str(out))
     # Arrays other tests left alive, held until the run's are measured: one of them freed
@@ -55,7 +55,7 @@ def smoke_run(tmp_path_factory):
     session = prepare_colab_session(config)
     base_before = [x.copy() for x in _arrays(session.loaded.model, nnx.Param)]
     lora_before = [x.copy() for x in _arrays(session.lora_model, nnx.LoRAParam)]
-    update = tunix_adapter._LoraTrainStep.__call__
+    update = train_step._LoraTrainStep.__call__
 
     def recorded_update(self, inputs):
         out = update(self, inputs)
@@ -66,7 +66,7 @@ def smoke_run(tmp_path_factory):
         return out
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tunix_adapter._LoraTrainStep, "__call__", recorded_update)
+        patch.setattr(train_step._LoraTrainStep, "__call__", recorded_update)
         state = train_grpo(config, session)
     del earlier
     return config, session, state, base_before, lora_before

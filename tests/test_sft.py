@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxpost import tunix_adapter
 from jaxpost.colab_pipeline import (
     held_out_spec,
     prepare_colab_session,
@@ -21,6 +20,7 @@ from jaxpost.data.demonstrations import Demonstration
 from jaxpost.export import ADAPTER_FILE, checkpoint_lora_arrays
 from jaxpost.sft import sft_batches, tokenize_demonstrations
 from jaxpost.train import read_metrics
+from jaxpost.tunix_ext import checkpointing, train_step
 
 
 def _lora(model) -> list[np.ndarray]:
@@ -42,7 +42,7 @@ class _Interrupted(Exception):
 def _stop_after(calls: int):
     """Wraps the LoRA train step so that its call number ``calls + 1`` raises, as a
     process killed between two steps would stop."""
-    original = tunix_adapter._LoraTrainStep.__call__
+    original = train_step._LoraTrainStep.__call__
     count = {"n": 0}
 
     def step(self, inputs):
@@ -76,10 +76,10 @@ def test_sft_interrupted_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     cut = _config(tmp_path / "cut")
     with monkeypatch.context() as patch:
-        patch.setattr(tunix_adapter._LoraTrainStep, "__call__", _stop_after(2))
+        patch.setattr(train_step._LoraTrainStep, "__call__", _stop_after(2))
         with pytest.raises(_Interrupted):
             train_sft(cut, prepare_colab_session(cut))
-    ckpt = tunix_adapter.sft_checkpoint_dir(cut.checkpoint_dir)
+    ckpt = checkpointing.sft_checkpoint_dir(cut.checkpoint_dir)
     session = prepare_colab_session(cut)  # a new process: fresh LoRA weights
     state = train_sft(cut, session)
     # Orbax finishes a save in the background: the stop may come before step 2's is done.
@@ -88,7 +88,7 @@ def test_sft_interrupted_resumes_to_the_same_weights(tmp_path, monkeypatch):
     for a, b in zip(expected, _lora(session.lora_model)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # What export and eval read: the warm-up's checkpoint, since there are no GRPO steps.
-    assert tunix_adapter.final_checkpoint_dir(cut.checkpoint_dir) == ckpt
+    assert checkpointing.final_checkpoint_dir(cut.checkpoint_dir) == ckpt
     step, arrays = checkpoint_lora_arrays(ckpt)
     assert step == 4 and arrays
 
@@ -100,7 +100,7 @@ def test_finished_warm_up_is_restored_not_retrained(tmp_path, monkeypatch):
     trained = _lora(session.lora_model)
 
     with monkeypatch.context() as patch:
-        patch.setattr(tunix_adapter._LoraTrainStep, "__call__", _stop_after(0))
+        patch.setattr(train_step._LoraTrainStep, "__call__", _stop_after(0))
         session = prepare_colab_session(config)
         state = train_sft(config, session)  # would raise if it ran a step
     assert state.resumed_from == 2 and state.losses == []
@@ -114,8 +114,8 @@ def test_pipeline_runs_sft_then_grpo_from_the_warm_up(tmp_path):
     rows = read_metrics(tmp_path)
     assert any("sft/loss" in r for r in rows) and any("loss" in r for r in rows)
     assert state.step == 1 and (export / ADAPTER_FILE).is_file()
-    ckpt = tunix_adapter.final_checkpoint_dir(config.checkpoint_dir)
-    assert ckpt == tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)
+    ckpt = checkpointing.final_checkpoint_dir(config.checkpoint_dir)
+    assert ckpt == checkpointing.actor_checkpoint_dir(config.checkpoint_dir)
 
 
 def test_demonstrations_tokenized_as_grpo_rollouts():

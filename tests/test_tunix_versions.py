@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from jaxpost import fast_logits, tunix_adapter
+from jaxpost.tunix_ext.lora import install_lora_matmul
 from jaxpost.tunix_ext.versions import (WRITTEN_FOR, check_version, check_versions,
                                         installed_version)
 
@@ -58,7 +59,9 @@ def test_an_unknown_package_is_named():
     lambda: tunix_adapter.build_cluster(actor=None, reference=None, tokenizer=None, mesh=None,
                                         optimizer=None, config=None, eos_ids=(),
                                         metric_backends=()),
-], ids=["enable", "speed_up_sampler", "keep_frozen_weights_in_place", "build_cluster"])
+    install_lora_matmul,
+], ids=["enable", "speed_up_sampler", "keep_frozen_weights_in_place", "build_cluster",
+        "install_lora_matmul"])
 def test_installing_the_patches_refuses_another_tunix(install, monkeypatch):
     # The installed distribution's metadata, as another Tunix release would report it.
     tunix_metadata = metadata.version

@@ -22,9 +22,9 @@ runs, so a resumed run sees the pairs an uninterrupted one saw), the run's rewar
 functions score them, and the best of each group is paired with the worst. The pairs
 are written to ``preference_pairs.jsonl`` in the output directory.
 
-The stage uses Tunix's ``DPOTrainer`` (``jaxpost.tunix_adapter.build_dpo_trainer``);
+The stage uses Tunix's ``DPOTrainer`` (``jaxpost.tunix_ext.trainers.build_dpo_trainer``);
 on Gemma 3 the sequence log-probs of policy and reference come from
-:func:`jaxpost.fast_logits.completion_logps`. Checkpoints go to ``<checkpoint_dir>/dpo``
+:func:`jaxpost.tunix_ext.logps.completion_logps`. Checkpoints go to ``<checkpoint_dir>/dpo``
 (export and evaluation read them), and a rerun with the same ``output_dir`` resumes.
 """
 
@@ -282,26 +282,27 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
       ValueError: ``output_dir`` already holds GRPO checkpoints, or no usable pair.
       jaxpost.train.TrainingDiverged: the loss became NaN or infinite.
     """
-    from jaxpost import tunix_adapter
     from jaxpost.checkpoints import resume_step
     from jaxpost.config import save_yaml
-    from jaxpost.fast_logits import completion_logits_only
     from jaxpost.runtime.mesh import use_mesh
     from jaxpost.data.prompts import format_prompt
     from jaxpost.sft import end_of_turn_id
+    from jaxpost.tunix_ext.checkpointing import (actor_checkpoint_dir, dpo_checkpoint_dir,
+                                                 latest_checkpoint_step, sft_checkpoint_dir)
+    from jaxpost.tunix_ext.gemma3 import completion_logits_only
+    from jaxpost.tunix_ext.trainers import build_dpo_trainer, frozen_copy
     from jaxpost.train import (CONFIG_FILE, METRICS_FILE, MetricsRecorder, TrainerState,
                                make_optimizer, make_schedule, read_metrics, start_wandb)
 
-    ckpt_dir = tunix_adapter.dpo_checkpoint_dir(config.checkpoint_dir)
+    ckpt_dir = dpo_checkpoint_dir(config.checkpoint_dir)
     if config.total_steps == 0:
-        sft_step = tunix_adapter.latest_checkpoint_step(
-            tunix_adapter.sft_checkpoint_dir(config.checkpoint_dir))
+        sft_step = latest_checkpoint_step(sft_checkpoint_dir(config.checkpoint_dir))
         print("jaxpost: no DPO steps (max_steps=0)", flush=True)
         return TrainerState(config=config, lora_model=session.lora_model, step=sft_step or 0,
                             resumed_from=None, history=read_metrics(config.output_dir),
                             checkpoint_dir=Path(config.checkpoint_dir))
-    actor = tunix_adapter.actor_checkpoint_dir(config.checkpoint_dir)
-    if tunix_adapter.latest_checkpoint_step(actor) is not None:
+    actor = actor_checkpoint_dir(config.checkpoint_dir)
+    if latest_checkpoint_step(actor) is not None:
         raise ValueError(f"{config.checkpoint_dir} holds GRPO checkpoints ({actor}), which "
                          "export and evaluation would read instead of DPO's: give the DPO "
                          "run its own output_dir")
@@ -318,7 +319,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     pad_id = int(loaded.tokenizer.pad_id())
     model = session.lora_model
     # Before the trainer restores DPO's checkpoint into the model: the stage's start.
-    reference = tunix_adapter.frozen_copy(model)
+    reference = frozen_copy(model)
 
     batches: list = []
     if finished:
@@ -363,7 +364,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     completion_len = batches[0]["chosen_ids"].shape[1] if batches else config.max_new_tokens
     with use_mesh(loaded.mesh), completion_logits_only([model], completion_len,
                                                        remat=config.remat):
-        trainer = tunix_adapter.build_dpo_trainer(
+        trainer = build_dpo_trainer(
             model, reference, make_optimizer(config), beta=config.kl_beta, pad_id=pad_id,
             checkpoint_dir=ckpt_dir, tensorboard_dir=os.path.abspath(config.tensorboard_dir),
             max_steps=config.total_steps, save_interval_steps=config.save_interval_steps,

@@ -11,14 +11,14 @@ What it counts, per device of an ``fsdp x tp`` mesh:
   families are counted with the same layout); the reference model shares them
   (:mod:`jaxpost.models.lora`), so it costs nothing; the LoRA weights and AdamW's two moments,
   in the parameter dtype (optax keeps them in the parameters' dtype); on a CPU, the
-  layer inputs a rollout keeps for the update after it (:func:`jaxpost.fast_logits.keep_layer_inputs`).
+  layer inputs a rollout keeps for the update after it (:func:`jaxpost.tunix_ext.sampler.keep_layer_inputs`).
 * Each phase, on top of that; the peak is the largest phase:
   - rollout: the sampler's KV cache (counted whole on every device: Tunix creates it
     without a sharding) and the sampled position's logits;
   - GRPO update (``micro_batch_size`` or ``mini_batch_size`` or ``batch_size`` prompts
     x G rows of ``max_prompt_length + max_new_tokens`` tokens): the LoRA gradients, the
     layer activations the backward pass reads, and the chunked log-probs
-    (:func:`jaxpost.fast_logits.completion_logps`); on a mesh with fsdp > 1, the
+    (:func:`jaxpost.tunix_ext.logps.completion_logps`); on a mesh with fsdp > 1, the
     gathered shards of the embedding;
   - critic update (PPO only): the critic's LoRA gradients and activations for the same
     rows (:mod:`jaxpost.models.critic`; its LoRA, value head and moments are held for the run);
@@ -185,7 +185,7 @@ def memory_plan(config: ColabTrainingConfig, *, platform: str = "cpu",
     """
     if platform not in PLATFORM_PRESETS:
         raise ValueError(f"platform {platform!r} is unknown; known: {', '.join(PLATFORM_PRESETS)}")
-    from jaxpost.fast_logits import logps_chunk_rows
+    from jaxpost.tunix_ext.logps import logps_chunk_rows
 
     kind, default_devices = PLATFORM_DEVICES[platform]
     devices = devices or default_devices

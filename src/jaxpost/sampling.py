@@ -6,10 +6,10 @@ from typing import Sequence
 
 from flax import nnx
 
-from jaxpost import fast_logits
 from jaxpost.runtime.mesh import use_mesh
 from jaxpost.models.loading import LoadedModel
 from jaxpost.data.prompts import PromptFormat, format_prompt, model_chat_template
+from jaxpost.tunix_ext.sampler import build_sampler
 
 
 def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
@@ -18,15 +18,10 @@ def make_sampler(model: nnx.Module, loaded: LoadedModel, cache_size: int):
     Args:
       cache_size: KV-cache length in tokens; must hold the prompt plus new tokens.
     """
-    from tunix.generate import sampler as sampler_lib
-
     cfg = loaded.model_config
-    cache = sampler_lib.CacheConfig(cache_size=cache_size, num_layers=cfg.num_layers,
-                                    num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-    sampler = sampler_lib.Sampler(transformer=model, tokenizer=loaded.tokenizer,
-                                  cache_config=cache)
-    fast_logits.speed_up_sampler(sampler)
-    return sampler
+    return build_sampler(model, loaded.tokenizer, cache_size=cache_size,
+                         num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                         head_dim=cfg.head_dim)
 
 
 def chat_prompt(text: str, loaded: LoadedModel, chat_template: str = "auto", *,

@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxpost.runtime.mesh import use_mesh
 from jaxpost.models.loading import LoadedModel
+from jaxpost.tunix_ext.logps import positions_and_attention
 
 
 def token_logprobs(loaded: LoadedModel, texts: Sequence[str], *,
@@ -25,8 +26,6 @@ def token_logprobs(loaded: LoadedModel, texts: Sequence[str], *,
     Returns:
       One float32 array per text, of length ``len(tokens) - 1``.
     """
-    from tunix.sft import utils as sft_utils
-
     model = loaded.model if model is None else model
     ids = [loaded.tokenizer.encode(t) for t in texts]
     pad = loaded.tokenizer.pad_id()
@@ -36,8 +35,7 @@ def token_logprobs(loaded: LoadedModel, texts: Sequence[str], *,
         tokens[i, : len(x)] = x
     mask = jnp.asarray(tokens != pad)
     with use_mesh(loaded.mesh):
-        positions = sft_utils.build_positions_from_mask(mask)
-        attn = sft_utils.make_causal_attn_mask(mask)
+        positions, attn = positions_and_attention(mask)
         logits, _ = model(jnp.asarray(tokens), positions, None, attn)  # [batch, seq, vocab]
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         picked = jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]

@@ -10,7 +10,7 @@ The stage trains the same LoRA model GRPO trains next, with Tunix's ``PeftTraine
 (``tunix.sft``) and a loss on the completion tokens only: the mean negative
 log-likelihood of each demonstration's completion (its end-of-turn token included) given
 its prompt, formatted exactly as GRPO's prompts. On a Gemma 3 model the log-probs come
-from :func:`jaxpost.fast_logits.completion_logps` (the vocabulary a chunk at a time);
+from :func:`jaxpost.tunix_ext.logps.completion_logps` (the vocabulary a chunk at a time);
 other families use their full logits. Checkpoints go to ``<checkpoint_dir>/sft``: a run
 stopped during the warm-up resumes it, one stopped later restores its final weights
 without training again.
@@ -198,18 +198,16 @@ def completion_nll(model: nnx.Module, prompt_ids, completion_ids, completion_mas
     Returns:
       A float32 scalar: ``-sum(mask * log p(token)) / sum(mask)``.
     """
-    from jaxpost.fast_logits import Gemma3TrimmedLogits, completion_logps
+    from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
+    from jaxpost.tunix_ext.logps import completion_logps, positions_and_attention
 
     mask = completion_mask.astype(jnp.float32)
     if isinstance(model, Gemma3TrimmedLogits):
         logps, _ = completion_logps(model, prompt_ids, completion_ids, pad_id)
     else:
-        from tunix.sft import utils as sft_utils
-
         ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
         valid = ids != pad_id
-        positions = sft_utils.build_positions_from_mask(valid)
-        attn = sft_utils.make_causal_attn_mask(valid)
+        positions, attn = positions_and_attention(valid)
         logits, _ = model(ids, positions, None, attn)
         comp = completion_ids.shape[1]
         logits = logits[:, -comp - 1:-1].astype(jnp.float32)
@@ -253,9 +251,9 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
         without a warm-up).
       jaxpost.train.TrainingDiverged: the loss became NaN or infinite.
     """
-    from jaxpost import tunix_adapter
     from jaxpost.checkpoints import resume_step
-    from jaxpost.fast_logits import completion_logits_only
+    from jaxpost.tunix_ext.gemma3 import completion_logits_only
+    from jaxpost.tunix_ext.trainers import build_sft_trainer
     from jaxpost.rundir import RunDir
     from jaxpost.runtime.mesh import use_mesh
     from jaxpost.data.prompts import format_prompt
@@ -315,7 +313,7 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
     model = session.lora_model
     with use_mesh(loaded.mesh), completion_logits_only([model], data.completion_ids.shape[1],
                                                        remat=config.remat):
-        trainer = tunix_adapter.build_sft_trainer(
+        trainer = build_sft_trainer(
             model, make_sft_optimizer(config), checkpoint_dir=ckpt_dir,
             tensorboard_dir=os.path.abspath(config.tensorboard_dir), max_steps=config.sft_steps,
             save_interval_steps=config.save_interval_steps, max_to_keep=config.max_to_keep,

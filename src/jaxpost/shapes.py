@@ -67,7 +67,7 @@ def model_shapes(source: str) -> ModelShapes:
         that is not cached and cannot be reached).
       FileNotFoundError: a local directory without ``config.json``.
     """
-    from tunix.models.gemma3 import model as gemma3
+    from jaxpost.tunix_ext.architectures import gemma3
 
     prefix, sep, rest = source.partition(":")
     if sep and prefix == "embedded":

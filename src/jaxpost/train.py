@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from jaxpost.config import ColabTrainingConfig, save_yaml
-from jaxpost.fast_logits import completion_logits_only
+from jaxpost.tunix_ext.gemma3 import completion_logits_only
 from jaxpost.rundir import CONFIG_FILE, METRICS_FILE, RunDir
 from jaxpost.session import ColabSession
 
@@ -324,9 +324,11 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
       ValueError: the config's algorithm is DPO, or ``output_dir`` holds DPO checkpoints.
       TrainingDiverged: when the loss becomes NaN or infinite.
     """
-    from jaxpost import tunix_adapter
     from jaxpost.checkpoints import latest_step, resume_step
     from jaxpost.data.datasets import num_train_batches
+    from jaxpost.tunix_ext.checkpointing import dpo_checkpoint_dir, latest_checkpoint_step
+    from jaxpost.tunix_ext.cluster import build_cluster
+    from jaxpost.tunix_ext.learners import build_grpo_learner
 
     if config.algorithm == "dpo":
         raise ValueError("algorithm='dpo' is trained by jaxpost.dpo.train_dpo (which "
@@ -344,8 +346,8 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
             f"the session's training data has {len(session.train_dataset)} batches but this "
             f"config needs {needed} (max_steps={config.max_steps}, num_batches="
             f"{config.num_batches}); call prepare_colab_session(config) with this config")
-    dpo_dir = tunix_adapter.dpo_checkpoint_dir(config.checkpoint_dir)
-    if tunix_adapter.latest_checkpoint_step(dpo_dir) is not None:
+    dpo_dir = dpo_checkpoint_dir(config.checkpoint_dir)
+    if latest_checkpoint_step(dpo_dir) is not None:
         raise ValueError(f"{config.checkpoint_dir} holds DPO checkpoints ({dpo_dir}); give "
                          "the GRPO run its own output_dir")
     out = Path(config.output_dir)
@@ -378,7 +380,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     loaded = session.loaded
     t0 = time.time()
     # Tunix scores only completion tokens; computing the other logits would cost more
-    # than the transformer layers themselves (see jaxpost.fast_logits).
+    # than the transformer layers themselves (see jaxpost.tunix_ext.gemma3).
     if config.algorithm == "ppo":
         from jaxpost.models.critic import build_value_model
 
@@ -388,7 +390,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
                                    seed=config.seed + 1)
     models = [session.lora_model, loaded.model] + ([critic.backbone] if critic else [])
     with completion_logits_only(models, config.max_new_tokens, remat=config.remat):
-        cluster = tunix_adapter.build_cluster(
+        cluster = build_cluster(
             actor=session.lora_model, reference=loaded.model, tokenizer=loaded.tokenizer,
             mesh=loaded.mesh, optimizer=make_optimizer(config), config=config,
             eos_ids=loaded.eos_ids, metric_backends=backends, critic=critic,
@@ -399,8 +401,8 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
             from jaxpost.rewards.judges import judge_metrics_fn
 
             metric_fns.append(judge_metrics_fn(session.judge))
-        learner = tunix_adapter.build_grpo_learner(cluster, config, session.reward_fns,
-                                                   metric_fns=metric_fns)
+        learner = build_grpo_learner(cluster, config, session.reward_fns,
+                                     metric_fns=metric_fns)
         try:
             learner.train(session.train_dataset)
         finally:

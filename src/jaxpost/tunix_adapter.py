@@ -11,15 +11,17 @@ in a module per concern, and is re-exported here, kept for one release:
 * :mod:`jaxpost.tunix_ext.losses`: the chunked GRPO, PPO and DPO losses;
 * :mod:`jaxpost.tunix_ext.train_step`: :func:`keep_frozen_weights_in_place`;
 * :mod:`jaxpost.tunix_ext.trainers`: :func:`build_sft_trainer`, :func:`build_dpo_trainer`,
-  :func:`frozen_copy`.
-
-The checkpoint helpers below stay here for code written against them.
+  :func:`frozen_copy`;
+* :mod:`jaxpost.tunix_ext.checkpointing`: where each stage's trainer writes its
+  checkpoints (:func:`actor_checkpoint_dir`, :func:`sft_checkpoint_dir`, ...), and
+  :func:`restore_lora_params`.
 """
 
 from __future__ import annotations
 
-import os
-
+from jaxpost.tunix_ext.checkpointing import (actor_checkpoint_dir, dpo_checkpoint_dir,
+                                             final_checkpoint_dir, latest_checkpoint_step,
+                                             restore_lora_params, sft_checkpoint_dir)
 from jaxpost.tunix_ext.cluster import (Role, build_cluster, chunk_old_logps,
                                        chunk_reference_logps, share_frozen_weights_with_anchor,
                                        write_critic_metrics_on_close)
@@ -44,49 +46,3 @@ __all__ = [
     "rl_algorithm_config", "sft_checkpoint_dir", "share_frozen_weights_with_anchor",
     "write_critic_metrics_on_close",
 ]
-
-# The checkpoint layout belongs to jaxpost.rundir and reading checkpoints to
-# jaxpost.checkpoints; these names stay for code written against them.
-
-
-def actor_checkpoint_dir(checkpoint_dir) -> str:
-    """Where Tunix's trainer writes the actor's (GRPO's) checkpoints under ``checkpoint_dir``."""
-    from jaxpost.rundir import GRPO_STAGE
-
-    return os.path.join(os.path.abspath(checkpoint_dir), GRPO_STAGE)
-
-
-def sft_checkpoint_dir(checkpoint_dir) -> str:
-    """Where the SFT warm-up's trainer writes its checkpoints under ``checkpoint_dir``."""
-    from jaxpost.rundir import SFT_STAGE
-
-    return os.path.join(os.path.abspath(checkpoint_dir), SFT_STAGE)
-
-
-def dpo_checkpoint_dir(checkpoint_dir) -> str:
-    """Where the DPO stage's trainer writes its checkpoints under ``checkpoint_dir``."""
-    from jaxpost.rundir import DPO_STAGE
-
-    return os.path.join(os.path.abspath(checkpoint_dir), DPO_STAGE)
-
-
-def final_checkpoint_dir(checkpoint_dir) -> str:
-    """The checkpoints holding a run's latest LoRA weights under ``checkpoint_dir``
-    (:func:`jaxpost.checkpoints.final_stage_dir`)."""
-    from jaxpost.checkpoints import final_stage_dir
-
-    return str(final_stage_dir(checkpoint_dir))
-
-
-def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
-    """The newest finished checkpoint step under ``checkpoint_dir`` (None if there is none)."""
-    from jaxpost.checkpoints import latest_step
-
-    return latest_step(checkpoint_dir)
-
-
-def restore_lora_params(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:
-    """The LoRA parameters of a checkpoint (:func:`jaxpost.checkpoints.restore_lora_params`)."""
-    from jaxpost.checkpoints import restore_lora_params as restore
-
-    return restore(checkpoint_dir, step)

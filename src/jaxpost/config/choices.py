@@ -23,7 +23,7 @@ MODEL_PREFIXES = ("embedded", "random", "hf", "kaggle", "gguf")
 _MODEL_FORMS = ("embedded:gemma3-270m, random:gemma3-tiny, a local directory, hf:ORG/NAME, "
                 "kaggle:HANDLE, gguf:PATH")
 DTYPES = ("float32", "bfloat16")
-# The RL objective (see jaxpost.tunix_adapter.build_grpo_learner): GRPO and its relatives,
+# The RL objective (see jaxpost.tunix_ext.learners.build_grpo_learner): GRPO and its relatives,
 # run by Tunix's GRPO-family learners, and PPO (Tunix's PPO learner, with a critic).
 RL_ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "ppo")
 # The training objective after the SFT warm-up: an RL algorithm, or DPO on preference

@@ -27,7 +27,6 @@ from typing import Any, Mapping
 
 import numpy as np
 from safetensors.numpy import save_file
-from tunix.models.gemma3 import model as gemma3
 
 from jaxpost.export.cards import merged_readme, peft_readme
 from jaxpost.export.directory import README_FILE, export_directory, write_record
@@ -39,6 +38,7 @@ from jaxpost.export.weights import (
     peft_target_modules,
     peft_tensors,
 )
+from jaxpost.tunix_ext.architectures import gemma3
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"

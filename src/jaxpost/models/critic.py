@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpost.fast_logits import Gemma3TrimmedLogits
+from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
 
 
 class ValueModel(nnx.Module):
@@ -32,7 +32,7 @@ class ValueModel(nnx.Module):
 
     def __init__(self, backbone: Gemma3TrimmedLogits, mesh: jax.sharding.Mesh | None = None):
         if not isinstance(backbone, Gemma3TrimmedLogits):
-            raise ValueError(f"PPO's critic needs a Gemma 3 backbone (jaxpost.fast_logits."
+            raise ValueError(f"PPO's critic needs a Gemma 3 backbone (jaxpost.tunix_ext.gemma3."
                              f"Gemma3TrimmedLogits), got {type(backbone).__name__}")
         self.backbone = backbone
         embed = backbone.config.embed_dim

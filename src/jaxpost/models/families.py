@@ -17,8 +17,6 @@ live in :mod:`jaxpost.models.types`.
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import json
 import math
 import warnings
@@ -27,6 +25,7 @@ from typing import Any, Callable
 
 from jaxpost.runtime.mesh import use_mesh
 from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
+from jaxpost.tunix_ext.rope import honour_rope_theta
 
 # Safetensors dtypes that Tunix's memory-mapped loader can read (it assumes one dtype per
 # file; anything else goes through its slower per-tensor path).
@@ -105,43 +104,6 @@ def _warn_rope_scaling_ignored(hf: dict, where: str, family: str) -> None:
             stacklevel=3)
 
 
-_ROPE_THETA = contextvars.ContextVar("jaxpost_rope_theta", default=None)
-
-
-def honour_rope_theta(model_module) -> None:
-    """Makes a Tunix model module's attention use its config's ``rope_theta``.
-
-    In Tunix 0.1.7, ``tunix.models.llama3`` and ``tunix.models.qwen3`` call
-    ``apply_rope`` without ``rope_theta``, so every model gets the default base 1e6
-    whatever its config says (Llama 3 uses 5e5, Qwen3-2507 5e6). This wraps the
-    module's ``Attention.block`` to publish ``self.config.rope_theta`` while it runs and
-    its ``apply_rope`` to use it when no base is passed. Idempotent; a Tunix version that
-    passes the base explicitly is left as it is.
-    """
-    if getattr(model_module, "_jaxpost_honours_rope_theta", False):
-        return
-    rope, block = model_module.apply_rope, model_module.Attention.block
-
-    @functools.wraps(rope)
-    def apply_rope(*args, **kwargs):
-        theta = _ROPE_THETA.get()
-        if theta is not None and len(args) < 4 and "rope_theta" not in kwargs:
-            kwargs["rope_theta"] = theta
-        return rope(*args, **kwargs)
-
-    @functools.wraps(block)
-    def attention_block(self, *args, **kwargs):
-        token = _ROPE_THETA.set(self.config.rope_theta)
-        try:
-            return block(self, *args, **kwargs)
-        finally:
-            _ROPE_THETA.reset(token)
-
-    model_module.apply_rope = apply_rope
-    model_module.Attention.block = attention_block
-    model_module._jaxpost_honours_rope_theta = True
-
-
 def _expect(hf: dict, key: str, allowed: tuple, where: str, why: str, default: Any) -> None:
     value = hf.get(key)
     value = default if value is None else value
@@ -164,7 +126,7 @@ def gemma2_config_from_hf(hf: dict, where: str = "config.json") -> Any:
     GELU, tied embeddings and query scaling by ``head_dim ** -0.5``; a config asking for
     anything else raises ``ValueError`` instead of loading into a different model.
     """
-    from tunix.models.gemma import model as gemma
+    from jaxpost.tunix_ext.architectures import gemma
 
     num_layers = _int(hf, "num_hidden_layers", where, "num_layers")
     head_dim = _head_dim(hf, where, required=True)
@@ -240,7 +202,9 @@ def qwen2_config_from_hf(hf: dict, dtype, where: str = "config.json") -> Any:
     is both the parameter and the compute dtype. Tunix's Qwen 2 has no sliding-window
     attention, so ``use_sliding_window: true`` is refused.
     """
-    from tunix.models.qwen2 import model as qwen2
+    from jaxpost.tunix_ext.architectures import qwen2_modules
+
+    qwen2, _ = qwen2_modules()
 
     _expect(hf, "use_sliding_window", (False,), where,
             "Tunix's Qwen 2 has no sliding-window attention", False)
@@ -260,8 +224,9 @@ def qwen3_config_from_hf(hf: dict, dtype, where: str = "config.json") -> Any:
     layer sparse, top-k weights renormalised, as in Qwen3-30B-A3B). ``dtype`` is both
     the parameter and the compute dtype.
     """
-    from tunix.models.qwen3 import model as qwen3
+    from jaxpost.tunix_ext.architectures import qwen3_modules
 
+    qwen3, _ = qwen3_modules()
     _expect(hf, "attention_bias", (False,), where,
             "Tunix's Qwen 3 attention has no bias", False)
     _expect(hf, "use_sliding_window", (False,), where,
@@ -298,7 +263,7 @@ def llama3_config_from_hf(hf: dict, where: str = "config.json") -> Any:
     ``llama3``) is ignored with a warning, as Tunix's own presets do. Its parameters
     take the dtype they are loaded in (the ModelConfig has no dtype field).
     """
-    from tunix.models.llama3 import model as llama3
+    from jaxpost.tunix_ext.architectures import llama3
 
     _expect(hf, "attention_bias", (False,), where, "Tunix's Llama 3 attention has no bias",
             False)
@@ -398,14 +363,14 @@ def load_tokenizer(path: Path):
     ``tokenizer.json`` through ``transformers.AutoTokenizer`` (for Qwen its ``bos_id()``
     is None, which Tunix's sampler accepts).
     """
-    from tunix.generate.tokenizer_adapter import TokenizerAdapter
+    from jaxpost.tunix_ext.sampler import tokenizer_adapter
 
     if (path / "tokenizer.model").is_file():
         return load_sentencepiece(path / "tokenizer.model")
     if (path / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        return TokenizerAdapter(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+        return tokenizer_adapter(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     raise FileNotFoundError(f"{path} has no tokenizer: expected tokenizer.model (SentencePiece) "
                             "or tokenizer.json (Hugging Face) beside config.json")
 
@@ -428,17 +393,18 @@ def _load_dir(path: Path, source: str, mesh, dtype, *, family: str,
 
 def load_gemma2_dir(path: Path, source: str, mesh, dtype) -> Any:
     """Loads a Gemma 2 Hugging Face directory (``model_type`` ``"gemma2"``)."""
-    from tunix.models.gemma import params_safetensors
+    from jaxpost.tunix_ext.architectures import gemma_safetensors
 
     return _load_dir(path, source, mesh, dtype, family="gemma2",
                      config_from_hf=gemma2_config_from_hf,
-                     create=params_safetensors.create_model_from_safe_tensors)
+                     create=gemma_safetensors.create_model_from_safe_tensors)
 
 
 def load_qwen2_dir(path: Path, source: str, mesh, dtype) -> Any:
     """Loads a Qwen 2 / 2.5 Hugging Face directory (``model_type`` ``"qwen2"``)."""
-    from tunix.models.qwen2 import params
+    from jaxpost.tunix_ext.architectures import qwen2_modules
 
+    _, params = qwen2_modules()
     return _load_dir(path, source, mesh, dtype, family="qwen2",
                      config_from_hf=lambda hf, where: qwen2_config_from_hf(hf, dtype, where),
                      create=params.create_model_from_safe_tensors)
@@ -446,9 +412,9 @@ def load_qwen2_dir(path: Path, source: str, mesh, dtype) -> Any:
 
 def load_qwen3_dir(path: Path, source: str, mesh, dtype) -> Any:
     """Loads a Qwen 3 Hugging Face directory (``model_type`` ``"qwen3"``/``"qwen3_moe"``)."""
-    from tunix.models.qwen3 import model as qwen3
-    from tunix.models.qwen3 import params
+    from jaxpost.tunix_ext.architectures import qwen3_modules
 
+    qwen3, params = qwen3_modules()
     honour_rope_theta(qwen3)
     return _load_dir(path, source, mesh, dtype, family="qwen3",
                      config_from_hf=lambda hf, where: qwen3_config_from_hf(hf, dtype, where),
@@ -457,13 +423,12 @@ def load_qwen3_dir(path: Path, source: str, mesh, dtype) -> Any:
 
 def load_llama3_dir(path: Path, source: str, mesh, dtype) -> Any:
     """Loads a Llama 3.x Hugging Face directory (``model_type`` ``"llama"``)."""
-    from tunix.models.llama3 import model as llama3
-    from tunix.models.llama3 import params
+    from jaxpost.tunix_ext.architectures import llama3, llama3_params
 
     honour_rope_theta(llama3)
     return _load_dir(path, source, mesh, dtype, family="llama3",
                      config_from_hf=llama3_config_from_hf,
-                     create=params.create_model_from_safe_tensors)
+                     create=llama3_params.create_model_from_safe_tensors)
 
 
 # Hugging Face ``model_type`` -> loader; merged into jaxpost.models.loading.LOCAL_LOADERS.

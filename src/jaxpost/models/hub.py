@@ -158,10 +158,9 @@ class KaggleModel:
 
     def model_config(self) -> Any:
         """The Tunix ``ModelConfig`` for a Flax handle (its variation's preset)."""
-        if self.family == "gemma3":
-            from tunix.models.gemma3 import model as model_lib
-        else:
-            from tunix.models.gemma import model as model_lib
+        from jaxpost.tunix_ext.architectures import gemma, gemma3
+
+        model_lib = gemma3 if self.family == "gemma3" else gemma
         return getattr(model_lib.ModelConfig, self.config_factory)()
 
 
@@ -270,23 +269,20 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
     import jax
     from flax import nnx
 
-    from jaxpost import fast_logits
+    from jaxpost.tunix_ext.architectures import gemma, gemma3_params, gemma_params
+    from jaxpost.tunix_ext.gemma3 import enable
+
     ckpt = kaggle_checkpoint_dir(root, km.variation)
     tokenizer = load_sentencepiece(find_tokenizer_model(root))
     with use_mesh(mesh):
         if km.family == "gemma3":
-            from tunix.models.gemma3 import params as gemma3_params
-
             cfg = dataclasses.replace(model_config or km.model_config(), param_dtype=dtype)
             model = gemma3_params.create_model_from_checkpoint(
                 str(ckpt.resolve()), cfg, mesh=mesh, dtype=dtype)
-            fast_logits.enable(model)
+            enable(model)
         else:
-            from tunix.models.gemma import model as gemma_model
-            from tunix.models.gemma import params as gemma_params
-
             params = gemma_params.load_and_format_params(str(ckpt.resolve()))
-            model = gemma_model.Gemma.from_params(params, version=km.from_params_version)
+            model = gemma.Gemma.from_params(params, version=km.from_params_version)
             del params
             cfg = model.config
             state = nnx.state(model)

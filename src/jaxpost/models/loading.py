@@ -20,6 +20,7 @@ Sources (the ``model`` setting of a config):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -30,8 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpost import fast_logits
-
 from jaxpost.runtime import cache
 
 from jaxpost.models import hub
@@ -39,6 +38,8 @@ from jaxpost.config import MODEL_PREFIXES
 from jaxpost.runtime.mesh import make_mesh, use_mesh
 from jaxpost.models.families import LOADERS as _FAMILY_LOADERS
 from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
+from jaxpost.tunix_ext.architectures import gemma3
+from jaxpost.tunix_ext.gemma3 import enable as enable_trimmed_logits
 
 SOURCE_FORMS = (
     "embedded:gemma3-270m",
@@ -113,8 +114,6 @@ def gguf_model_dir(gguf_path: str | os.PathLike, show_progress: bool = True) -> 
 
 def gemma3_config_from_hf(hf: dict, dtype) -> Any:
     """Tunix Gemma 3 ``ModelConfig`` from a Hugging Face ``config.json`` dict."""
-    from tunix.models.gemma3 import model as gemma3
-
     hf = hf.get("text_config", hf)
     head_dim = int(hf.get("head_dim", 256))
     scalar = hf.get("query_pre_attn_scalar", head_dim)
@@ -141,8 +140,6 @@ def gemma3_config_from_hf(hf: dict, dtype) -> Any:
 
 def tiny_gemma3_config(vocab_size: int, dtype) -> Any:
     """A two-layer Gemma 3 small enough to train in seconds on a CPU."""
-    from tunix.models.gemma3 import model as gemma3
-
     return gemma3.ModelConfig(
         num_layers=2, num_embed=vocab_size, embed_dim=64, hidden_dim=128, num_heads=2,
         head_dim=32, num_kv_heads=1, sliding_window_size=64, param_dtype=dtype)
@@ -193,8 +190,9 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, Any]]:
 def load_gemma3_safetensors(path: Path, cfg: Any, mesh, dtype) -> nnx.Module:
     """Tunix's Gemma 3 with the weights of the ``*.safetensors`` files in ``path``.
 
-    Uses Tunix's own name mapping and q/k/v fusion, but moves one tensor at a time from
-    the file to the device, so the weights exist once plus one tensor in flight. (Tunix's
+    Uses Tunix's own name mapping and q/k/v fusion
+    (:func:`jaxpost.tunix_ext.safetensors.gemma3_weights`), but moves one tensor at a time
+    from the file to the device, so the weights exist once plus one tensor in flight. (Tunix's
     loader holds every tensor as an array, then copies each through host memory onto the
     device: twice the model's size at its peak, 3.1 GB for Gemma 3 270M in float32.)
 
@@ -203,17 +201,14 @@ def load_gemma3_safetensors(path: Path, cfg: Any, mesh, dtype) -> nnx.Module:
         lack weights the model needs (both name the weight).
     """
     import numpy as np
-    from tunix.models.gemma3 import model as gemma3
-    from tunix.models.gemma3 import params_safetensors
-    from tunix.utils import torch_utils
+
+    from jaxpost.tunix_ext.safetensors import gemma3_weights
 
     with use_mesh(mesh):
         abstract = nnx.eval_shape(lambda: gemma3.Gemma3(cfg, rngs=nnx.Rngs(params=0)))
     graph_def, state = nnx.split(abstract)
     shardings = nnx.get_named_sharding(state, mesh).to_pure_dict()
     values = state.to_pure_dict()
-    key_map = params_safetensors._get_key_and_transform_mapping(cfg)
-    fuse_qkv = params_safetensors._make_preprocess_fn(cfg)
     missing = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
                for p, _ in jax.tree_util.tree_flatten_with_path(values)[0]}
 
@@ -228,24 +223,11 @@ def load_gemma3_safetensors(path: Path, cfg: Any, mesh, dtype) -> nnx.Module:
         target[leaf] = jax.device_put(np.asarray(array, dtype=dtype), sharding[leaf])
         missing.discard(key)
 
-    for file in sorted(path.glob("*.safetensors")):
-        for name, array in read_safetensors(file):
-            try:
-                key, transform = torch_utils.torch_key_to_jax_key(key_map, name)
-            except ValueError:
-                continue  # e.g. vision weights of a multimodal checkpoint
-            if key.startswith("unused."):
-                continue
-            if transform is not None:
-                permute, reshape = transform
-                array = array.transpose(permute) if permute else array
-                array = array.reshape(reshape) if reshape else array
-            if key.startswith("tmp."):  # q, k and v: fused once a layer's are all read
-                for fused_key, fused in fuse_qkv({key: array}).items():
-                    put(fused_key, fused)
-            else:
-                put(key, array)
-            del array
+    tensors = itertools.chain.from_iterable(
+        read_safetensors(file) for file in sorted(path.glob("*.safetensors")))
+    for key, array in gemma3_weights(cfg, tensors):
+        put(key, array)
+        del array
     if missing:
         raise ValueError(f"{path}: the safetensors files lack {len(missing)} weights the "
                          f"model needs, e.g. {sorted(missing)[:3]}")
@@ -261,7 +243,7 @@ def _load_gemma3_dir(path: Path, source: str, mesh, dtype) -> LoadedModel:
         raise FileNotFoundError(f"{tok_file} is missing: a Gemma checkpoint needs its "
                                 "SentencePiece tokenizer.model beside config.json")
     model = load_gemma3_safetensors(path, cfg, mesh, dtype)
-    fast_logits.enable(model)
+    enable_trimmed_logits(model)
     tokenizer = load_sentencepiece(tok_file)
     return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, path,
                        eos_ids(tokenizer, hf))
@@ -302,8 +284,6 @@ def attention_heads(source: str) -> tuple[int, int] | None:
     models' configs, or a local directory's ``config.json``; None where only a download
     would tell (``hf:``, ``gguf:``, Kaggle ``transformers`` handles).
     """
-    from tunix.models.gemma3 import model as gemma3
-
     prefix, sep, rest = source.partition(":")
     if sep and prefix == "embedded" and rest in EMBEDDED_MODELS:
         cfg = gemma3.ModelConfig.gemma3_270m()
@@ -411,8 +391,6 @@ def load_kaggle(handle: str, source: str, mesh, dtype) -> LoadedModel:
 
 
 def _load_random_tiny(source, mesh, dtype, seed, show_progress) -> LoadedModel:
-    from tunix.models.gemma3 import model as gemma3
-
     path = embedded_model_dir(show_progress)  # only its tokenizer is used
     tokenizer = load_sentencepiece(path / "tokenizer.model")
     cfg = tiny_gemma3_config(tokenizer.tokenizer.vocab_size(), dtype)
@@ -421,7 +399,7 @@ def _load_random_tiny(source, mesh, dtype, seed, show_progress) -> LoadedModel:
         state = nnx.state(model)
         sharded = jax.lax.with_sharding_constraint(state, nnx.get_named_sharding(state, mesh))
         nnx.update(model, sharded)
-    fast_logits.enable(model)
+    enable_trimmed_logits(model)
     hf = json.loads((path / "config.json").read_text())
     return LoadedModel(model, tokenizer, cfg, mesh, "gemma3", source, None, eos_ids(tokenizer, hf))
 

@@ -5,15 +5,13 @@ the base model's weight arrays (qwix copies the module graph, not the arrays), s
 untouched base model can serve as GRPO's frozen reference model at no extra memory.
 
 The adapters of ``nnx.Linear`` projections (the MLP's ``gate_proj``, ``up_proj`` and
-``down_proj``) compute ``(x @ A) @ B`` through :func:`lora_matmul`, whose backward pass
-is written out so that XLA's CPU backend multiplies the large activations as they are
-laid out (see :func:`lora_matmul`).
+``down_proj``) compute ``(x @ A) @ B`` through
+:func:`jaxpost.tunix_ext.lora.lora_matmul`, whose backward pass is written out so that
+XLA's CPU backend multiplies the large activations as they are laid out.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import re
 
@@ -41,23 +39,23 @@ def apply_lora(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: int = 8
 
     Raises:
       ValueError: when the pattern is invalid or matches no module of the model.
+      RuntimeError: the installed Tunix or qwix is not the version jaxpost's LoRA
+        products were written for (:func:`jaxpost.tunix_ext.versions.check_versions`).
     """
-    import qwix
+    from jaxpost.tunix_ext.lora import add_adapters
 
-    install_lora_matmul()
     if rank <= 0 or alpha <= 0:
         raise ValueError(f"lora_rank={rank} and lora_alpha={alpha} must both be positive")
     try:
         re.compile(target_modules)
     except re.error as e:
         raise ValueError(f"lora_target_modules={target_modules!r} is not a valid regex: {e}") from e
-    provider = qwix.LoraProvider(module_path=target_modules, rank=rank, alpha=alpha)
-    inputs = base_model.get_model_input()
     # Outside the mesh context: qwix runs one eager forward pass, and under a TPU mesh
     # Tunix's activation sharding would split the key projection's heads over 'tp' eagerly,
     # which fails when tp does not divide them (Gemma 3 1B has one KV head, the TPU presets
     # tp=4). Inside jit the same constraint pads instead. Tunix's own demos apply LoRA so.
-    lora_model = qwix.apply_lora_to_model(base_model, provider, rngs=nnx.Rngs(seed), **inputs)
+    lora_model = add_adapters(base_model, rank=rank, alpha=alpha, target_modules=target_modules,
+                              seed=seed)
     state = nnx.state(lora_model, nnx.LoRAParam)
     if not jax.tree.leaves(state):
         raise ValueError(
@@ -68,8 +66,8 @@ def apply_lora(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: int = 8
         if (getattr(module, "kernel_lora_a", None) is not None
                 or getattr(module, "w_lora_a", None) is not None):
             # The adapter's scale, for products jaxpost writes itself (decoding, see
-            # jaxpost.fast_logits.DecodingFeedForward and DecodingAttention); qwix keeps
-            # it in its rule.
+            # jaxpost.tunix_ext.decoding_layers.DecodingFeedForward and DecodingAttention);
+            # qwix keeps it in its rule.
             module.lora_scale = alpha / rank
     return lora_model
 
@@ -100,75 +98,3 @@ def lora_state(model: nnx.Module) -> nnx.State:
 def has_lora(model: nnx.Module) -> bool:
     """Whether ``model`` carries LoRA parameters."""
     return bool(jax.tree.leaves(lora_state(model)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_matmul(x, a, b, precision=None):
-    """The low-rank product ``(x @ a) @ b``: ``x [M, K]``, ``a [K, r]``, ``b [r, N]`` -> ``[M, N]``.
-
-    The same numbers as differentiating the two products directly. The backward pass is
-    written so that every large operand (``x`` and the incoming gradient, ``[M, K]`` and
-    ``[M, N]`` with M = batch x sequence) enters its product unchanged, and only the
-    rank-r factors are transposed. Left to autodiff, XLA's CPU backend transposes those
-    large arrays for the gradients of A and B, inside the elementwise fusions that
-    produce them: in the 270M model's GRPO update that was 1.8 s of a 10.5 s step.
-    """
-    return _lora_forward(x, a, b, precision)[0]
-
-
-def _lora_forward(x, a, b, precision):
-    xa = jax.lax.dot_general(x, a, (((1,), (0,)), ((), ())), precision=precision)  # [M, r]
-    out = jax.lax.dot_general(xa, b, (((1,), (0,)), ((), ())), precision=precision)
-    return out, (x, a, b, xa)
-
-
-def _lora_backward(precision, saved, g):
-    x, a, b, xa = saved
-    dot = functools.partial(jax.numpy.matmul, precision=precision)
-    g_b = dot(g, b.T)                   # [M, r]
-    grad_b = dot(xa.T, g)               # [r, N]: g enters as [K, N], as it is laid out
-    grad_a = dot(g_b.T, x).T            # [K, r]: the same for x
-    grad_x = dot(g_b, a.T)              # [M, K]
-    return grad_x.astype(x.dtype), grad_a.astype(a.dtype), grad_b.astype(b.dtype)
-
-
-lora_matmul.defvjp(_lora_forward, _lora_backward)
-
-
-def _lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape,
-                remain_shape, rank, precision=None, *, original):
-    """qwix's LoRA delta for a ``dot_general`` projection, through :func:`lora_matmul`.
-
-    Handles the projections of ``nnx.Linear`` (no batch dimensions, contracting the
-    trailing dimensions of ``lhs``); anything else goes to qwix's own ``original``.
-    """
-    n_contract = len(contract_shape)
-    trailing = tuple(range(lhs.ndim - n_contract, lhs.ndim))
-    if batch_shape or tuple(lhs_ba) or tuple(lhs_ca) != trailing:
-        return original(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape,
-                        remain_shape, rank, precision=precision)
-    k, n = math.prod(contract_shape), math.prod(remain_shape)
-    out = lora_matmul(lhs.reshape(-1, k), lora_a.reshape(k, rank), lora_b.reshape(rank, n),
-                      precision)
-    return out.reshape(*lhs.shape[:lhs.ndim - n_contract], *remain_shape)
-
-
-def install_lora_matmul() -> bool:
-    """Routes qwix's ``dot_general`` LoRA delta through :func:`lora_matmul` (once).
-
-    Returns:
-      Whether it is installed; False (and a log line) when this qwix version has no
-      ``_compute_lora_delta`` to route, in which case qwix's own delta runs unchanged.
-    """
-    from qwix._src.providers import lora as qwix_lora
-
-    current = getattr(qwix_lora, "_compute_lora_delta", None)
-    if current is None:
-        logging.getLogger(__name__).info(
-            "qwix has no _compute_lora_delta; LoRA gradients use its own products")
-        return False
-    if getattr(current, "_jaxpost_original", None) is None:
-        routed = functools.partial(_lora_delta, original=current)
-        routed._jaxpost_original = current
-        qwix_lora._compute_lora_delta = routed
-    return True

@@ -45,9 +45,10 @@ def load_sentencepiece(path: Path):
     ``SetEncodeExtraOptions``, which sentencepiece 0.2.3 rejects.
     """
     import sentencepiece as spm
-    from tunix.generate.tokenizer_adapter import TokenizerAdapter
 
-    return TokenizerAdapter(spm.SentencePieceProcessor(model_file=str(path), add_bos=True))
+    from jaxpost.tunix_ext.sampler import tokenizer_adapter
+
+    return tokenizer_adapter(spm.SentencePieceProcessor(model_file=str(path), add_bos=True))
 
 
 def eos_ids(tokenizer, *configs: dict) -> tuple[int, ...]:

@@ -90,14 +90,13 @@ class ModelJudge:
         import jax
         import jax.numpy as jnp
         from flax import nnx
-        from tunix.sft import utils as sft_utils
 
-        from jaxpost.fast_logits import Gemma3TrimmedLogits
+        from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
+        from jaxpost.tunix_ext.logps import positions_and_attention
 
         model = nnx.merge(graphdef, state)
         mask = tokens != pad
-        positions = sft_utils.build_positions_from_mask(mask)
-        attn = sft_utils.make_causal_attn_mask(mask)
+        positions, attn = positions_and_attention(mask)
         if isinstance(model, Gemma3TrimmedLogits):
             # Unembedding only the last position: 262k-wide logits for one row, not all.
             logits, _ = model(tokens, positions, None, attn, decode_only_last_token=True)

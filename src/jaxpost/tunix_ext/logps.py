@@ -110,6 +110,19 @@ _chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
 # logits and probabilities for a 262,144-entry vocabulary, which jaxpost.plan counts.
 # Chosen from these ratios, not timed on a TPU or GPU. On a CPU, chunks of 128 or 256
 # were no faster than 64 (docs/performance.md).
+def positions_and_attention(mask):
+    """The positions and causal attention mask a Tunix model takes for a batch.
+
+    Args:
+      mask: ``[batch, seq]``, True at tokens and False at padding.
+
+    Returns:
+      ``(positions [batch, seq], attention mask [batch, seq, seq])``, as Tunix's
+      ``tunix.sft.utils`` builds them.
+    """
+    return sft_utils.build_positions_from_mask(mask), sft_utils.make_causal_attn_mask(mask)
+
+
 LOGPS_CHUNK_ROWS = {"cpu": 64, "gpu": 256, "tpu": 256}
 
 

@@ -6,6 +6,8 @@ repeated prompt once (:func:`share_prompt_prefill`), and makes the sampler merge
 model once per set of weights (:func:`merge_transformer_once`). :func:`keep_layer_inputs`
 makes such a sampler keep every layer's input from each rollout, so that the update
 after it need not run the layers forward again (:func:`rollout_layer_inputs`).
+:func:`build_sampler` builds a sampler with them, and :func:`tokenizer_adapter` wraps a
+tokenizer as Tunix's sampler and trainers take it.
 
 These replace the sampler's ``_compiled_prefill_fn`` and its ``transformer`` property and
 call its private ``_prefill_fn`` (google-tunix 0.1.7; docs/tunix_patches.md).
@@ -19,12 +21,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tunix.generate import sampler as sampler_lib
+from tunix.generate.tokenizer_adapter import TokenizerAdapter
 
 from jaxpost.runtime.memory import release_free_memory
 from jaxpost.tunix_ext.decoding import lay_out_decode_weights
 from jaxpost.tunix_ext.gemma3 import _LAYER_INPUTS, _PREFILL_GROUP, Gemma3TrimmedLogits
 from jaxpost.tunix_ext.logps import prompt_group_size
 from jaxpost.tunix_ext.versions import check_versions
+
+
+def tokenizer_adapter(tokenizer) -> TokenizerAdapter:
+    """Tunix's ``TokenizerAdapter`` around ``tokenizer``: a SentencePiece processor or a
+    Hugging Face tokenizer."""
+    return TokenizerAdapter(tokenizer)
+
+
+def build_sampler(model: nnx.Module, tokenizer, *, cache_size: int, num_layers: int,
+                  num_kv_heads: int, head_dim: int):
+    """A Tunix ``Sampler`` for ``model``, with the hooks of :func:`speed_up_sampler`.
+
+    Args:
+      tokenizer: a Tunix ``TokenizerAdapter`` (:func:`tokenizer_adapter`).
+      cache_size: KV-cache length in tokens; must hold the prompt plus new tokens.
+      num_layers, num_kv_heads, head_dim: the model's, which size its KV cache.
+    """
+    cache = sampler_lib.CacheConfig(cache_size=cache_size, num_layers=num_layers,
+                                    num_kv_heads=num_kv_heads, head_dim=head_dim)
+    sampler = sampler_lib.Sampler(transformer=model, tokenizer=tokenizer, cache_config=cache)
+    speed_up_sampler(sampler)
+    return sampler
 
 
 def speed_up_sampler(sampler) -> None:
