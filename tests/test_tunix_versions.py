@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+import types
 from importlib import metadata
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 from jaxpost import fast_logits, tunix_adapter
 from jaxpost.tunix_ext.lora import install_lora_matmul
+from jaxpost.tunix_ext.rope import honour_rope_theta
+from jaxpost.tunix_ext.safetensors import gemma3_weights
 from jaxpost.tunix_ext.versions import (WRITTEN_FOR, check_version, check_versions,
                                         installed_version)
 
@@ -60,8 +63,10 @@ def test_an_unknown_package_is_named():
                                         optimizer=None, config=None, eos_ids=(),
                                         metric_backends=()),
     install_lora_matmul,
+    lambda: next(gemma3_weights(None, iter(()))),
+    lambda: honour_rope_theta(types.SimpleNamespace()),
 ], ids=["enable", "speed_up_sampler", "keep_frozen_weights_in_place", "build_cluster",
-        "install_lora_matmul"])
+        "install_lora_matmul", "gemma3_weights", "honour_rope_theta"])
 def test_installing_the_patches_refuses_another_tunix(install, monkeypatch):
     # The installed distribution's metadata, as another Tunix release would report it.
     tunix_metadata = metadata.version

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextvars
 import functools
 
+from jaxpost.tunix_ext.versions import check_versions
+
 # The rope_theta of the attention block running now (None outside one).
 _ROPE_THETA = contextvars.ContextVar("jaxpost_rope_theta", default=None)
 
@@ -28,6 +30,7 @@ def honour_rope_theta(model_module) -> None:
     """
     if getattr(model_module, "_jaxpost_honours_rope_theta", False):
         return
+    check_versions()
     rope, block = model_module.apply_rope, model_module.Attention.block
 
     @functools.wraps(rope)

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Iterator
 from tunix.models.gemma3 import params_safetensors
 from tunix.utils import torch_utils
 
+from jaxpost.tunix_ext.versions import check_versions
+
 
 def gemma3_weights(cfg: Any, tensors: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     """Tunix Gemma 3 weights from Hugging Face tensors, one at a time.
@@ -29,6 +31,7 @@ def gemma3_weights(cfg: Any, tensors: Iterable[tuple[str, Any]]) -> Iterator[tup
       does not use (a multimodal checkpoint's vision weights) are skipped; a layer's
       q, k and v come out fused once all three are read.
     """
+    check_versions()  # the two private functions below are Tunix 0.1.7's
     key_map = params_safetensors._get_key_and_transform_mapping(cfg)
     fuse_qkv = params_safetensors._make_preprocess_fn(cfg)
     for name, array in tensors:
