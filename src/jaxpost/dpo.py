@@ -351,9 +351,10 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
               f"{out / PAIRS_FILE}", flush=True)
 
     wandb_run = start_wandb(config)
+    schedule = make_schedule(peak=config.learning_rate, warmup_steps=config.warmup_steps,
+                             total_steps=config.total_steps)
     recorder = MetricsRecorder(out / METRICS_FILE, config.total_steps, config.log_every_steps,
-                               schedule=make_schedule(config), wandb_run=wandb_run,
-                               stage="dpo")
+                               schedule=schedule, wandb_run=wandb_run, stage="dpo")
     backends = [lambda: recorder]
     if config.tensorboard:
         from metrax.logging.tensorboard_backend import TensorboardBackend
@@ -364,7 +365,10 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     with use_mesh(loaded.mesh), completion_logits_only([model], completion_len,
                                                        remat=config.remat):
         trainer = tunix_adapter.build_dpo_trainer(
-            model, reference, make_optimizer(config), beta=config.kl_beta, pad_id=pad_id,
+            model, reference,
+            make_optimizer(schedule, b1=config.b1, b2=config.b2,
+                           weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
+            beta=config.kl_beta, pad_id=pad_id,
             checkpoint_dir=ckpt_dir, tensorboard_dir=os.path.abspath(config.tensorboard_dir),
             max_steps=config.total_steps, save_interval_steps=config.save_interval_steps,
             max_to_keep=config.max_to_keep, metric_backends=backends)
