@@ -116,7 +116,7 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     from jaxpost.runtime.credentials import check_model_access, resolve_credentials
     from jaxpost.data.datasets import prepare_datasets
     from jaxpost.models.lora import apply_lora
-    from jaxpost.rewards.judges import build_judge
+    from jaxpost.rewards.judges import JudgeSettings, build_judge
     from jaxpost.data.prompts import resolve_chat_template
     from jaxpost.rewards.registry import check_reward_config, create_reward_functions, uses_judge
 
@@ -151,7 +151,8 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
         if dataset is not None:
             check_prompt_lengths(dataset, loaded.tokenizer, config.max_prompt_length)
     # Built after the model: the default model judge is the frozen base model itself.
-    judge = build_judge(config, loaded, template=template) if uses_judge(config) else None
+    judge = (build_judge(JudgeSettings.from_config(config), loaded, template=template)
+             if uses_judge(config) else None)
     reward_fns = create_reward_functions(config, judge=judge)
     lora_model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank,
                             alpha=config.lora_alpha, target_modules=config.lora_target_modules,

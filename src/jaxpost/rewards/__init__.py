@@ -4,7 +4,8 @@
   (:func:`register_reward`, :func:`get_reward`, :func:`create_reward_functions`).
 * :mod:`~jaxpost.rewards.answers`: reading a completion's answer, the same everywhere.
 * :mod:`~jaxpost.rewards.rubrics`: rubric data and the ``rubric`` reward's aggregation.
-* :mod:`~jaxpost.rewards.judges`: :func:`build_judge`, the judge a rubric reward asks;
+* :mod:`~jaxpost.rewards.judges`: :func:`build_judge`, the judge a rubric reward asks, of
+  :class:`JudgeSettings`;
   :mod:`~jaxpost.rewards.judge_model` (a local model) and
   :mod:`~jaxpost.rewards.judge_api` (an OpenAI-compatible service) implement it.
 
@@ -14,6 +15,7 @@ The names below are importable from ``jaxpost.rewards`` itself.
 from jaxpost._exports import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
+    "JudgeSettings": "jaxpost.rewards.judges",
     "REWARDS": "jaxpost.rewards.registry",
     "RewardFn": "jaxpost.rewards.registry",
     "answer_match": "jaxpost.rewards.registry",
