@@ -42,6 +42,7 @@ import numpy as np
 
 from jaxpost.config import ColabTrainingConfig
 from jaxpost.data.preferences import PreferencePair
+from jaxpost.runtime.atomic import write_atomic
 from jaxpost.session import ColabSession
 
 PAIRS_FILE = "preference_pairs.jsonl"
@@ -253,13 +254,10 @@ def sample_self_pairs(config: ColabTrainingConfig, session: ColabSession, *,
 
 
 def _write_pairs(path: Path, pairs: Sequence[PreferencePair]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for p in pairs:
-            fh.write(json.dumps({"question": p.question, "chosen": p.chosen,
-                                 "rejected": p.rejected, "chosen_score": p.chosen_score,
-                                 "rejected_score": p.rejected_score}) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(
+        json.dumps({"question": p.question, "chosen": p.chosen, "rejected": p.rejected,
+                    "chosen_score": p.chosen_score, "rejected_score": p.rejected_score}) + "\n"
+        for p in pairs))
 
 
 def train_dpo(config: ColabTrainingConfig, session: ColabSession):
