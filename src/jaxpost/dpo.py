@@ -285,7 +285,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     from jaxpost.config import save_yaml
     from jaxpost.fast_logits import completion_logits_only
     from jaxpost.runtime.mesh import use_mesh
-    from jaxpost.data.prompts import format_prompt
+    from jaxpost.data.prompts import PromptFormat, format_prompt
     from jaxpost.sft import end_of_turn_id
     from jaxpost.train import (CONFIG_FILE, METRICS_FILE, MetricsRecorder, TrainerState,
                                make_optimizer, make_schedule, read_metrics, start_wandb)
@@ -312,6 +312,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     finished = resumed_from is not None and resumed_from >= config.total_steps
     loaded = session.loaded
     template = session.template
+    prompt_format = PromptFormat.from_config(config, template=template)
     end_id = end_of_turn_id(loaded.tokenizer, template, loaded.eos_ids)
     pad_id = int(loaded.tokenizer.pad_id())
     model = session.lora_model
@@ -334,7 +335,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
             summary = f"{len(pairs)} pairs from {config.preference_data}"
         _write_pairs(out / PAIRS_FILE, pairs)
         data = tokenize_pairs(
-            pairs, loaded.tokenizer, lambda q: format_prompt(q, config, template=template),
+            pairs, loaded.tokenizer, lambda q: format_prompt(q, prompt_format),
             end_id=end_id, pad_id=pad_id, max_prompt_length=config.max_prompt_length,
             max_completion_length=config.max_new_tokens)
         batches = preference_batches(data, batch_size=config.batch_size,

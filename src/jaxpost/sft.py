@@ -249,7 +249,7 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
     from jaxpost.fast_logits import completion_logits_only
     from jaxpost.rundir import RunDir
     from jaxpost.runtime.mesh import use_mesh
-    from jaxpost.data.prompts import format_prompt
+    from jaxpost.data.prompts import PromptFormat, format_prompt
     from jaxpost.train import CONFIG_FILE, METRICS_FILE, MetricsRecorder, make_optimizer
     from jaxpost.config import save_yaml
 
@@ -271,8 +271,9 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
     kept = [d for d in demos if d.question not in held_out]
     loaded = session.loaded
     template = session.template
+    prompt_format = PromptFormat.from_config(config, template=template)
     data = tokenize_demonstrations(
-        kept, loaded.tokenizer, lambda q: format_prompt(q, config, template=template),
+        kept, loaded.tokenizer, lambda q: format_prompt(q, prompt_format),
         end_id=end_of_turn_id(loaded.tokenizer, template, loaded.eos_ids),
         pad_id=loaded.tokenizer.pad_id(), max_prompt_length=config.max_prompt_length,
         max_completion_length=config.max_new_tokens)
