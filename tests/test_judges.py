@@ -15,7 +15,8 @@ import time
 import pytest
 
 from jaxpost.runtime.credentials import Secret, SecretSources
-from jaxpost.rewards.judges import APIJudge, ModelJudge, build_judge, resolve_judge_key
+from jaxpost.rewards.judges import (APIJudge, JudgeSettings, ModelJudge, build_judge,
+                                    resolve_judge_key)
 from jaxpost.rewards.rubrics import Criterion, CriterionQuery, RubricJudgeError, RubricQuery, rubric, \
     rubric_to_json
 
@@ -194,10 +195,30 @@ def test_build_judge_reuses_the_session_model(tiny):
     from jaxpost.config import get_preset
 
     config = get_preset("rubric_smoke")
-    judge = build_judge(config, tiny)
+    judge = build_judge(JudgeSettings.from_config(config), tiny)
     assert isinstance(judge, ModelJudge) and judge.loaded is tiny
-    lexical = build_judge(dataclasses.replace(config, judge="lexical"))
+    lexical = build_judge(JudgeSettings.from_config(dataclasses.replace(config, judge="lexical")))
     assert type(lexical).__name__ == "LexicalJudge"
+
+
+def test_judge_settings_are_a_config_value():
+    """build_judge needs no config; a config's judge fields map onto JudgeSettings, whose
+    defaults are the config's."""
+    from jaxpost.config import ColabTrainingConfig
+
+    assert type(build_judge(JudgeSettings(kind="lexical"))).__name__ == "LexicalJudge"
+    assert JudgeSettings.from_config(ColabTrainingConfig()) == JudgeSettings(kind="model")
+    config = ColabTrainingConfig(judge="api", judge_api_base_url="https://judge.example/v1",
+                                 judge_api_model="m", judge_api_timeout=5.0, seed=7)
+    settings = JudgeSettings.from_config(config)
+    assert (settings.kind, settings.api_base_url, settings.api_model, settings.api_timeout,
+            settings.seed) == ("api", "https://judge.example/v1", "m", 5.0, 7)
+    judge = build_judge(settings)
+    assert isinstance(judge, APIJudge) and judge.model == "m" and judge.timeout == 5.0
+    with pytest.raises(ValueError, match="judge='oracle'"):
+        build_judge(JudgeSettings(kind="oracle"))
+    with pytest.raises(ValueError, match="pass loaded="):
+        build_judge(JudgeSettings(kind="model"))
 
 
 def test_rubric_smoke_run_logs_judge_metrics(tmp_path):

@@ -236,3 +236,29 @@ def test_gemma_jinja_template_continues_a_conversation_like_the_hubs():
     assert not jinja_chat_template("gemma", bos=False).startswith("{{ bos_token }}")
     with pytest.raises(ValueError, match="auto"):
         jinja_chat_template("auto")
+
+
+def test_generate_chat_prompts_take_the_trained_format_unless_flags_override():
+    """``jaxpost generate --chat``: the adapters' run's template and system prompt, else the
+    model family's template and no system text; ``--chat-template`` and
+    ``--system-prompt`` override either."""
+    import argparse
+
+    from jaxpost.cli import _chat_prompts
+    from jaxpost.config import ColabTrainingConfig
+    from jaxpost.data.prompts import PromptFormat
+
+    loaded = SimpleNamespace(source="embedded:gemma3-270m", path=None)
+    trained = ColabTrainingConfig(chat_template="chatml", system_prompt=SYSTEM)
+
+    def prompts(trained, chat_template="auto", system_prompt=None):
+        args = argparse.Namespace(prompt=[QUESTION], chat_template=chat_template,
+                                  system_prompt=system_prompt)
+        return _chat_prompts(args, loaded, trained)
+
+    assert prompts(None) == [format_prompt(QUESTION, PromptFormat("gemma"))]
+    assert prompts(None, "llama3", "Be brief.") == [
+        format_prompt(QUESTION, PromptFormat("llama3", "Be brief."))]
+    assert prompts(trained) == [format_prompt(QUESTION, trained)]
+    assert SYSTEM_FILLED in prompts(trained)[0]
+    assert prompts(trained, "gemma", "") == [format_prompt(QUESTION, PromptFormat("gemma"))]

@@ -16,7 +16,15 @@ from jaxpost.config import get_preset
 from jaxpost.fast_logits import completion_logits_only, completion_logps
 from jaxpost.models.lora import apply_lora
 from jaxpost.models.loading import load_model
-from jaxpost.train import make_optimizer
+from jaxpost.train import make_optimizer, make_schedule
+
+
+def _optimizer(config):
+    """The run's optimizer, as train_grpo builds it."""
+    schedule = make_schedule(peak=config.learning_rate, warmup_steps=config.warmup_steps,
+                             total_steps=config.total_steps)
+    return make_optimizer(schedule, b1=config.b1, b2=config.b2,
+                          weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +38,7 @@ def cluster(tmp_path_factory):
     with completion_logits_only([actor, loaded.model], config.max_new_tokens):
         built = tunix_adapter.build_cluster(
             actor=actor, reference=loaded.model, tokenizer=loaded.tokenizer, mesh=loaded.mesh,
-            optimizer=make_optimizer(config), config=config, eos_ids=loaded.eos_ids,
+            optimizer=_optimizer(config), config=config, eos_ids=loaded.eos_ids,
             metric_backends=[])
         yield built, loaded
         built.close()
@@ -79,7 +87,7 @@ def test_building_the_cluster_copies_no_weights_to_host(tmp_path, monkeypatch):
     actor = apply_lora(loaded.model, loaded.mesh, rank=4, alpha=8.0, seed=1)
     built = tunix_adapter.build_cluster(
         actor=actor, reference=loaded.model, tokenizer=loaded.tokenizer, mesh=loaded.mesh,
-        optimizer=make_optimizer(config), config=config, eos_ids=loaded.eos_ids,
+        optimizer=_optimizer(config), config=config, eos_ids=loaded.eos_ids,
         metric_backends=[])
     try:
         assert "pinned_host" not in transfers

@@ -78,23 +78,21 @@ def _chat_prompts(args: argparse.Namespace, loaded, trained) -> list[str]:
     model or adapters carry one, unless ``--chat-template`` / ``--system-prompt`` say
     otherwise."""
     import dataclasses
-    import types
 
-    from jaxpost.sampling import chat_prompt
+    from jaxpost.data.prompts import PromptFormat, format_prompt, model_chat_template
 
-    prompt_config = trained
+    chat_template = args.chat_template
+    if chat_template == "auto" and trained is not None:
+        chat_template = trained.chat_template
+    template = model_chat_template(loaded, chat_template)
+    prompt_format = (PromptFormat(template) if trained is None
+                     else PromptFormat.from_config(trained, template=template))
     if args.system_prompt is not None:
-        if trained is None:
-            prompt_config = types.SimpleNamespace(
-                chat_template="auto", system_prompt=args.system_prompt,
-                reasoning_tag="reasoning", answer_tag="answer")
-        else:
-            prompt_config = dataclasses.replace(trained, system_prompt=args.system_prompt)
-    elif trained is not None and trained.system_prompt:
+        prompt_format = dataclasses.replace(prompt_format, system_prompt=args.system_prompt)
+    elif prompt_format.system_prompt:
         print("jaxpost generate: --chat uses the system prompt the model was trained with "
               "(--system-prompt '' leaves it out)", file=sys.stderr, flush=True)
-    return [chat_prompt(p, loaded, args.chat_template, prompt_config=prompt_config)
-            for p in args.prompt]
+    return [format_prompt(p, prompt_format) for p in args.prompt]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

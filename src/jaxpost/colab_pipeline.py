@@ -159,7 +159,8 @@ def create_reward_functions(config: ColabTrainingConfig, *,
     Args:
       config: the run's configuration.
       judge: the judge of a reward that needs one (``rubric``):
-        ``jaxpost.rewards.judges.build_judge(config, session.loaded)``, as the session builds it.
+        ``build_judge(JudgeSettings.from_config(config), session.loaded)`` (both from
+        ``jaxpost.rewards.judges``), as the session builds it.
 
     Returns:
       One callable per reward name.

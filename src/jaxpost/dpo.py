@@ -42,6 +42,7 @@ import numpy as np
 
 from jaxpost.config import ColabTrainingConfig
 from jaxpost.data.preferences import PreferencePair
+from jaxpost.runtime.atomic import write_atomic
 from jaxpost.session import ColabSession
 
 PAIRS_FILE = "preference_pairs.jsonl"
@@ -253,13 +254,10 @@ def sample_self_pairs(config: ColabTrainingConfig, session: ColabSession, *,
 
 
 def _write_pairs(path: Path, pairs: Sequence[PreferencePair]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for p in pairs:
-            fh.write(json.dumps({"question": p.question, "chosen": p.chosen,
-                                 "rejected": p.rejected, "chosen_score": p.chosen_score,
-                                 "rejected_score": p.rejected_score}) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(
+        json.dumps({"question": p.question, "chosen": p.chosen, "rejected": p.rejected,
+                    "chosen_score": p.chosen_score, "rejected_score": p.rejected_score}) + "\n"
+        for p in pairs))
 
 
 def train_dpo(config: ColabTrainingConfig, session: ColabSession):
@@ -285,7 +283,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     from jaxpost.checkpoints import resume_step
     from jaxpost.config import save_yaml
     from jaxpost.runtime.mesh import use_mesh
-    from jaxpost.data.prompts import format_prompt
+    from jaxpost.data.prompts import PromptFormat, format_prompt
     from jaxpost.sft import end_of_turn_id
     from jaxpost.tunix_ext.checkpointing import (actor_checkpoint_dir, dpo_checkpoint_dir,
                                                  latest_checkpoint_step, sft_checkpoint_dir)
@@ -315,6 +313,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     finished = resumed_from is not None and resumed_from >= config.total_steps
     loaded = session.loaded
     template = session.template
+    prompt_format = PromptFormat.from_config(config, template=template)
     end_id = end_of_turn_id(loaded.tokenizer, template, loaded.eos_ids)
     pad_id = int(loaded.tokenizer.pad_id())
     model = session.lora_model
@@ -337,7 +336,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
             summary = f"{len(pairs)} pairs from {config.preference_data}"
         _write_pairs(out / PAIRS_FILE, pairs)
         data = tokenize_pairs(
-            pairs, loaded.tokenizer, lambda q: format_prompt(q, config, template=template),
+            pairs, loaded.tokenizer, lambda q: format_prompt(q, prompt_format),
             end_id=end_id, pad_id=pad_id, max_prompt_length=config.max_prompt_length,
             max_completion_length=config.max_new_tokens)
         batches = preference_batches(data, batch_size=config.batch_size,
@@ -352,9 +351,10 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
               f"{out / PAIRS_FILE}", flush=True)
 
     wandb_run = start_wandb(config)
+    schedule = make_schedule(peak=config.learning_rate, warmup_steps=config.warmup_steps,
+                             total_steps=config.total_steps)
     recorder = MetricsRecorder(out / METRICS_FILE, config.total_steps, config.log_every_steps,
-                               schedule=make_schedule(config), wandb_run=wandb_run,
-                               stage="dpo")
+                               schedule=schedule, wandb_run=wandb_run, stage="dpo")
     backends = [lambda: recorder]
     if config.tensorboard:
         from metrax.logging.tensorboard_backend import TensorboardBackend
@@ -365,7 +365,10 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
     with use_mesh(loaded.mesh), completion_logits_only([model], completion_len,
                                                        remat=config.remat):
         trainer = build_dpo_trainer(
-            model, reference, make_optimizer(config), beta=config.kl_beta, pad_id=pad_id,
+            model, reference,
+            make_optimizer(schedule, b1=config.b1, b2=config.b2,
+                           weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
+            beta=config.kl_beta, pad_id=pad_id,
             checkpoint_dir=ckpt_dir, tensorboard_dir=os.path.abspath(config.tensorboard_dir),
             max_steps=config.total_steps, save_interval_steps=config.save_interval_steps,
             max_to_keep=config.max_to_keep, metric_backends=backends)

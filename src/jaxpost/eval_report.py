@@ -7,9 +7,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from jaxpost.runtime.atomic import write_atomic
 
 __all__ = ["Comparison", "EvalReport", "comparison_table", "examples_path"]
 
@@ -54,10 +55,10 @@ class EvalReport:
         """
         out = Path(out)
         jsonl = examples_path(out)
-        _write_atomic(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                     for r in self.examples))
-        _write_atomic(out, json.dumps({**self.summary(), "examples_file": jsonl.name},
-                                      indent=2, ensure_ascii=False) + "\n")
+        write_atomic(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                    for r in self.examples))
+        write_atomic(out, json.dumps({**self.summary(), "examples_file": jsonl.name},
+                                     indent=2, ensure_ascii=False) + "\n")
         return out, jsonl
 
 
@@ -90,9 +91,9 @@ class Comparison:
             side = lambda r: {key: v for key, v in r.items() if key not in shared}  # noqa: E731
             lines.append(json.dumps({**shared, "a": side(ra), "b": side(rb)},
                                     ensure_ascii=False) + "\n")
-        _write_atomic(jsonl, "".join(lines))
-        _write_atomic(out, json.dumps({**self.summary(), "examples_file": jsonl.name},
-                                      indent=2, ensure_ascii=False) + "\n")
+        write_atomic(jsonl, "".join(lines))
+        write_atomic(out, json.dumps({**self.summary(), "examples_file": jsonl.name},
+                                     indent=2, ensure_ascii=False) + "\n")
         return out, jsonl
 
 
@@ -141,19 +142,3 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines += [" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
               for row in rows]
     return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        # mkstemp creates the file 0600; results are meant to be shared like any output.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

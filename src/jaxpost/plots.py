@@ -15,6 +15,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxpost.runtime.atomic import atomic_file
+
 PLOT_FILE = "training_curves.png"
 # (metric in metrics.jsonl, panel title); the reward panel also draws every
 # ``rewards/<function>`` metric of the run.
@@ -94,13 +96,8 @@ def plot_training_curves(output_dir: str | os.PathLike, path: str | os.PathLike 
     """
     path = Path(path) if path is not None else Path(output_dir) / PLOT_FILE
     figure = training_figure(output_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         figure.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

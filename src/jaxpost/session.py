@@ -77,17 +77,19 @@ def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> None:
             f"system_prompt / max_examples.")
 
 
-def _preference_pairs(config: ColabTrainingConfig, eval_dataset) -> list:
-    """The pairs of the config's preference file, less those asking a held-out question."""
+def _preference_pairs(source: str, eval_dataset, *, seed: int,
+                      max_examples: int | None) -> list:
+    """The pairs of the preference file ``source`` (a config's ``preference_data``, loaded
+    with :func:`jaxpost.data.preferences.load_preference_jsonl`), less those asking a
+    held-out question of ``eval_dataset``."""
     from jaxpost.data.preferences import load_preference_jsonl
 
-    pairs = load_preference_jsonl(config.preference_data, seed=config.seed,
-                                  max_examples=config.max_examples)
+    pairs = load_preference_jsonl(source, seed=seed, max_examples=max_examples)
     held_out = ({str(q) for batch in eval_dataset for q in batch["question"]}
                 if eval_dataset is not None else set())
     kept = [p for p in pairs if p.question not in held_out]
     if not kept:
-        raise ValueError(f"preference_data={config.preference_data!r}: all {len(pairs)} pairs "
+        raise ValueError(f"preference_data={source!r}: all {len(pairs)} pairs "
                          "ask held-out questions of the dataset (eval_size); nothing is left "
                          "to train on")
     if len(kept) < len(pairs):
@@ -116,7 +118,7 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     from jaxpost.runtime.credentials import check_model_access, resolve_credentials
     from jaxpost.data.datasets import prepare_datasets
     from jaxpost.models.lora import apply_lora
-    from jaxpost.rewards.judges import build_judge
+    from jaxpost.rewards.judges import JudgeSettings, build_judge
     from jaxpost.data.prompts import resolve_chat_template
     from jaxpost.rewards.registry import check_reward_config, create_reward_functions, uses_judge
 
@@ -143,7 +145,8 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
             max_examples=config.max_examples, reasoning_tag=config.reasoning_tag,
             answer_tag=config.answer_tag)
     if dpo and not config.preference_data.strip().startswith("self"):
-        preferences = _preference_pairs(config, eval_ds)
+        preferences = _preference_pairs(config.preference_data, eval_ds, seed=config.seed,
+                                        max_examples=config.max_examples)
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, mesh_fsdp=config.mesh_fsdp,
                             mesh_tp=config.mesh_tp, seed=config.seed)
@@ -151,7 +154,8 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
         if dataset is not None:
             check_prompt_lengths(dataset, loaded.tokenizer, config.max_prompt_length)
     # Built after the model: the default model judge is the frozen base model itself.
-    judge = build_judge(config, loaded, template=template) if uses_judge(config) else None
+    judge = (build_judge(JudgeSettings.from_config(config), loaded, template=template)
+             if uses_judge(config) else None)
     reward_fns = create_reward_functions(config, judge=judge)
     lora_model = apply_lora(loaded.model, loaded.mesh, rank=config.lora_rank,
                             alpha=config.lora_alpha, target_modules=config.lora_target_modules,

@@ -60,22 +60,13 @@ class SFTState:
     seconds: float
 
 
-def make_sft_schedule(config: ColabTrainingConfig) -> optax.Schedule:
+def make_sft_schedule(*, peak: float, steps: int, warmup_ratio: float) -> optax.Schedule:
     """The warm-up's learning rate by step: linear warmup over ``warmup_ratio`` of
-    ``sft_steps`` from 0 to ``sft_learning_rate``, then cosine to 0."""
-    steps = max(config.sft_steps, 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.sft_learning_rate,
-        warmup_steps=int(config.warmup_ratio * steps), decay_steps=steps, end_value=0.0)
+    ``steps`` from 0 to ``peak``, then cosine to 0 at ``steps``."""
+    from jaxpost.train import make_schedule
 
-
-def make_sft_optimizer(config: ColabTrainingConfig) -> optax.GradientTransformation:
-    """AdamW (the run's b1, b2, weight decay) on the warm-up's schedule, after clipping."""
-    adamw = optax.adamw(learning_rate=make_sft_schedule(config), b1=config.b1, b2=config.b2,
-                        weight_decay=config.weight_decay)
-    if config.sft_max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.sft_max_grad_norm), adamw)
+    steps = max(steps, 1)
+    return make_schedule(peak=peak, warmup_steps=int(warmup_ratio * steps), total_steps=steps)
 
 
 def _completion_ids(tokenizer, text: str, end_id: int) -> list[int]:
@@ -256,8 +247,8 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
     from jaxpost.tunix_ext.trainers import build_sft_trainer
     from jaxpost.rundir import RunDir
     from jaxpost.runtime.mesh import use_mesh
-    from jaxpost.data.prompts import format_prompt
-    from jaxpost.train import CONFIG_FILE, METRICS_FILE, MetricsRecorder
+    from jaxpost.data.prompts import PromptFormat, format_prompt
+    from jaxpost.train import CONFIG_FILE, METRICS_FILE, MetricsRecorder, make_optimizer
     from jaxpost.config import save_yaml
 
     if config.sft_steps == 0:
@@ -278,8 +269,9 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
     kept = [d for d in demos if d.question not in held_out]
     loaded = session.loaded
     template = session.template
+    prompt_format = PromptFormat.from_config(config, template=template)
     data = tokenize_demonstrations(
-        kept, loaded.tokenizer, lambda q: format_prompt(q, config, template=template),
+        kept, loaded.tokenizer, lambda q: format_prompt(q, prompt_format),
         end_id=end_of_turn_id(loaded.tokenizer, template, loaded.eos_ids),
         pad_id=loaded.tokenizer.pad_id(), max_prompt_length=config.max_prompt_length,
         max_completion_length=config.max_new_tokens)
@@ -299,8 +291,10 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
               f"{' (left out: ' + ', '.join(notes) + ')' if notes else ''}, "
               f"{data.completion_ids.shape[1]} completion tokens", flush=True)
 
+    schedule = make_sft_schedule(peak=config.sft_learning_rate, steps=config.sft_steps,
+                                 warmup_ratio=config.warmup_ratio)
     recorder = MetricsRecorder(out / METRICS_FILE, config.sft_steps, config.log_every_steps,
-                               schedule=make_sft_schedule(config), stage="sft")
+                               schedule=schedule, stage="sft")
     backends = [lambda: recorder]
     if config.tensorboard:
         from metrax.logging.tensorboard_backend import TensorboardBackend
@@ -314,7 +308,12 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
     with use_mesh(loaded.mesh), completion_logits_only([model], data.completion_ids.shape[1],
                                                        remat=config.remat):
         trainer = build_sft_trainer(
-            model, make_sft_optimizer(config), checkpoint_dir=ckpt_dir,
+            model,
+            # The run's AdamW settings, with the warm-up's own schedule and clip norm.
+            make_optimizer(schedule, b1=config.b1, b2=config.b2,
+                           weight_decay=config.weight_decay,
+                           max_grad_norm=config.sft_max_grad_norm),
+            checkpoint_dir=ckpt_dir,
             tensorboard_dir=os.path.abspath(config.tensorboard_dir), max_steps=config.sft_steps,
             save_interval_steps=config.save_interval_steps, max_to_keep=config.max_to_keep,
             metric_backends=backends,

@@ -54,27 +54,24 @@ class TrainerState:
         return sum(part) / len(part)
 
 
-def make_schedule(config: ColabTrainingConfig, peak: float | None = None) -> optax.Schedule:
-    """Learning rate by step: linear warmup from 0 over ``warmup_steps``, then cosine to 0.
-
-    The peak is ``config.learning_rate`` unless ``peak`` is given (PPO's critic's own).
-    """
+def make_schedule(*, peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Learning rate by step: linear warmup from 0 to ``peak`` over ``warmup_steps``, then
+    cosine to 0 at ``total_steps``."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate if peak is None else peak,
-        warmup_steps=config.warmup_steps, decay_steps=max(config.total_steps, 1),
-        end_value=0.0)
+        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, 1), end_value=0.0)
 
 
-def make_optimizer(config: ColabTrainingConfig,
-                   peak: float | None = None) -> optax.GradientTransformation:
-    """AdamW on the warmup-cosine schedule (peak ``peak`` or ``config.learning_rate``),
-    after global-norm clipping."""
-    schedule = make_schedule(config, peak)
-    adamw = optax.adamw(learning_rate=schedule, b1=config.b1, b2=config.b2,
-                        weight_decay=config.weight_decay)
-    if config.max_grad_norm is None:
+def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float, b2: float,
+                   weight_decay: float,
+                   max_grad_norm: float | None) -> optax.GradientTransformation:
+    """AdamW at ``learning_rate`` (a number, or a schedule by step such as
+    :func:`make_schedule`'s), after clipping the gradients' global norm to
+    ``max_grad_norm`` (None: no clipping)."""
+    adamw = optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
+    if max_grad_norm is None:
         return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
 
 
 # Tunix logs "<group>/<mode>/<name>"; jaxpost records these under short names.
@@ -368,8 +365,10 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     critic = None
     if config.algorithm == "ppo":
         _align_critic_checkpoints(run, resumed_from)
+    schedule = make_schedule(peak=config.learning_rate, warmup_steps=config.warmup_steps,
+                             total_steps=config.total_steps)
     recorder = MetricsRecorder(out / METRICS_FILE, config.total_steps, config.log_every_steps,
-                               schedule=make_schedule(config), wandb_run=wandb_run)
+                               schedule=schedule, wandb_run=wandb_run)
     backends = [lambda: recorder]
     if config.tensorboard:
         from metrax.logging.tensorboard_backend import TensorboardBackend
@@ -388,14 +387,22 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
                                    alpha=config.lora_alpha,
                                    target_modules=config.lora_target_modules,
                                    seed=config.seed + 1)
+    adamw = dict(b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                 max_grad_norm=config.max_grad_norm)
+    critic_optimizer = None
+    if critic is not None:
+        # PPO's critic: the actor's optimizer and schedule shape, at its own peak rate.
+        critic_optimizer = make_optimizer(
+            make_schedule(peak=config.ppo_settings()["critic_learning_rate"],
+                          warmup_steps=config.warmup_steps, total_steps=config.total_steps),
+            **adamw)
     models = [session.lora_model, loaded.model] + ([critic.backbone] if critic else [])
     with completion_logits_only(models, config.max_new_tokens, remat=config.remat):
         cluster = build_cluster(
             actor=session.lora_model, reference=loaded.model, tokenizer=loaded.tokenizer,
-            mesh=loaded.mesh, optimizer=make_optimizer(config), config=config,
+            mesh=loaded.mesh, optimizer=make_optimizer(schedule, **adamw), config=config,
             eos_ids=loaded.eos_ids, metric_backends=backends, critic=critic,
-            critic_optimizer=(make_optimizer(config, config.ppo_settings()[
-                "critic_learning_rate"]) if critic else None))
+            critic_optimizer=critic_optimizer)
         metric_fns = []
         if getattr(session, "judge", None) is not None:
             from jaxpost.rewards.judges import judge_metrics_fn

@@ -4,7 +4,6 @@ the summary printed at the start of a run."""
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +13,7 @@ import yaml
 from jaxpost.config.fields import _FIELD_TYPES, ColabTrainingConfig
 from jaxpost.config.validation import inner_type, is_optional, type_name
 from jaxpost.rundir import RunDir
+from jaxpost.runtime.atomic import write_atomic
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _NONE = ("none", "null")
@@ -97,20 +97,10 @@ def from_dict(d: Mapping[str, Any], base: ColabTrainingConfig | None = None) -> 
 
 
 def save_yaml(config: ColabTrainingConfig, path: str) -> None:
-    """Write `config` to `path` as YAML, atomically (temp file in the same dir + rename),
-    so a crash never leaves a half-written config next to a checkpoint."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(to_dict(config), fh, sort_keys=False, allow_unicode=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `config` to `path` as YAML, whole or not at all
+    (:func:`jaxpost.runtime.atomic.write_atomic`), so a crash never leaves a half-written
+    config next to a checkpoint."""
+    write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
 
 
 def load_yaml(path: str, base: ColabTrainingConfig | None = None) -> ColabTrainingConfig:

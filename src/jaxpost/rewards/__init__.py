@@ -6,7 +6,8 @@
   reasoning-gym verifiers).
 * :mod:`~jaxpost.rewards.answers`: reading a completion's answer, the same everywhere.
 * :mod:`~jaxpost.rewards.rubrics`: rubric data and the ``rubric`` reward's aggregation.
-* :mod:`~jaxpost.rewards.judges`: :func:`build_judge`, the judge a rubric reward asks;
+* :mod:`~jaxpost.rewards.judges`: :func:`build_judge`, the judge a rubric reward asks, of
+  :class:`JudgeSettings`;
   :mod:`~jaxpost.rewards.judge_model` (a local model) and
   :mod:`~jaxpost.rewards.judge_api` (an OpenAI-compatible service) implement it.
 
@@ -17,6 +18,7 @@ from jaxpost._exports import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "ECHO_MIN_WORDS": "jaxpost.rewards.answers",
+    "JudgeSettings": "jaxpost.rewards.judges",
     "REWARDS": "jaxpost.rewards.registry",
     "RewardFn": "jaxpost.rewards.registry",
     "answer_match": "jaxpost.rewards.builtin",

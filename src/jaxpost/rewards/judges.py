@@ -22,13 +22,14 @@ Judges:
 * :class:`LexicalJudge` -- keyword coverage of each criterion; deterministic and
   offline, for smoke runs. A weak stand-in: it cannot tell "X is not Y" from "X is Y".
 
-:func:`build_judge` makes the one a config asks for. The model judge lives in
+:func:`build_judge` makes the one :class:`JudgeSettings` ask for. The model judge lives in
 ``jaxpost.rewards.judge_model``, the API judge in ``jaxpost.rewards.judge_api``, the questions and
 counters they share in ``jaxpost.rewards.judge_common``; all are importable from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -117,47 +118,89 @@ def resolve_judge_key(name: str, explicit: str | None = None, sources=None):
     return resolve_secret(name, explicit, sources=sources)
 
 
-def build_judge(config: Any, loaded=None, *, template: str | None = None,
+@dataclasses.dataclass(frozen=True)
+class JudgeSettings:
+    """Which judge :func:`build_judge` makes, and how: a value, not a whole config.
+
+    Attributes:
+      kind: "model", "api" or "lexical" (a config's ``judge``).
+      model: for ``kind="model"``: "reference" (the session's own model) or a model source
+        to load (a config's ``judge_model``).
+      batch_size: rows per forward pass of a model judge.
+      dtype, seed: what a judge model other than the reference is loaded with.
+      api_base_url, api_model: for ``kind="api"``: the server (".../v1") and its model.
+      api_key_name: the name of the secret holding the API key (never the key itself).
+      api_timeout, api_retries, api_concurrency: seconds per request, tries after the
+        first, requests in flight.
+    """
+
+    kind: str
+    model: str = REFERENCE_JUDGE
+    batch_size: int = 16
+    dtype: str = "float32"
+    seed: int = 42
+    api_base_url: str = ""
+    api_model: str = ""
+    api_key_name: str = "JUDGE_API_KEY"
+    api_timeout: float = 30.0
+    api_retries: int = 3
+    api_concurrency: int = 4
+
+    @classmethod
+    def from_config(cls, config: Any) -> JudgeSettings:
+        """The judge settings of a run's config: its ``judge``, ``judge_model``,
+        ``judge_batch_size``, ``dtype``, ``seed`` and ``judge_api_*`` fields."""
+        return cls(kind=config.judge, model=config.judge_model,
+                   batch_size=config.judge_batch_size, dtype=config.dtype, seed=config.seed,
+                   api_base_url=config.judge_api_base_url, api_model=config.judge_api_model,
+                   api_key_name=config.judge_api_key_name,
+                   api_timeout=config.judge_api_timeout,
+                   api_retries=config.judge_api_retries,
+                   api_concurrency=config.judge_api_concurrency)
+
+
+def build_judge(settings: JudgeSettings, loaded=None, *, template: str | None = None,
                 api_key=None) -> Any:
-    """The judge a config asks for (``config.judge``).
+    """The judge ``settings`` ask for (``settings.kind``).
 
     Args:
-      config: reads ``judge``, ``judge_model``, ``judge_batch_size``, ``dtype``, ``seed``
-        and the ``judge_api_*`` fields.
-      loaded: the session's loaded model; ``judge="model"`` with
-        ``judge_model="reference"`` judges with it (no second load), any other
-        ``judge_model`` is loaded with :func:`jaxpost.models.loading.load_model` on its mesh.
-      template: the chat template of ``loaded`` (default: resolved from the config).
-      api_key: a Secret for ``judge="api"``; default: looked up by
-        ``config.judge_api_key_name`` with :func:`resolve_judge_key`.
+      settings: the judge's kind and settings (:meth:`JudgeSettings.from_config` gives a
+        run's).
+      loaded: the session's loaded model; ``kind="model"`` with ``model="reference"``
+        judges with it (no second load), any other ``model`` is loaded with
+        :func:`jaxpost.models.loading.load_model` on its mesh.
+      template: the chat template of ``loaded`` (the session's); default: the one its
+        source implies (:func:`jaxpost.data.prompts.model_chat_template`).
+      api_key: a Secret for ``kind="api"``; default: looked up by
+        ``settings.api_key_name`` with :func:`resolve_judge_key`.
 
     Raises:
       ValueError: an unknown judge kind, a model judge without a model, or a bad API
         setting.
     """
-    from jaxpost.data.prompts import resolve_chat_template
+    from jaxpost.data.prompts import model_chat_template, resolve_chat_template
 
-    if config.judge == "lexical":
+    if settings.kind == "lexical":
         return LexicalJudge()
-    if config.judge == "api":
-        key = api_key if api_key is not None else resolve_judge_key(config.judge_api_key_name)
+    if settings.kind == "api":
+        key = api_key if api_key is not None else resolve_judge_key(settings.api_key_name)
         if key is None:
             logger.info("no secret %s found; calling the judge API without a key",
-                        config.judge_api_key_name)
-        return APIJudge(config.judge_api_base_url, config.judge_api_model, key,
-                        timeout=config.judge_api_timeout, retries=config.judge_api_retries,
-                        concurrency=config.judge_api_concurrency)
-    if config.judge != "model":
-        raise ValueError(f"judge={config.judge!r} is invalid: one of {JUDGE_KINDS}")
-    if config.judge_model == REFERENCE_JUDGE:
+                        settings.api_key_name)
+        return APIJudge(settings.api_base_url, settings.api_model, key,
+                        timeout=settings.api_timeout, retries=settings.api_retries,
+                        concurrency=settings.api_concurrency)
+    if settings.kind != "model":
+        raise ValueError(f"judge={settings.kind!r} is invalid: one of {JUDGE_KINDS}")
+    if settings.model == REFERENCE_JUDGE:
         if loaded is None:
             raise ValueError("judge_model='reference' judges with the session's model; "
                              "pass loaded=")
-        template = template or resolve_chat_template(config.model, config.chat_template)
-        return ModelJudge(loaded, template, batch_size=config.judge_batch_size)
+        return ModelJudge(loaded, template or model_chat_template(loaded),
+                          batch_size=settings.batch_size)
     from jaxpost.models.loading import load_model
 
-    judge_loaded = load_model(config.judge_model, dtype=config.dtype,
-                              mesh=None if loaded is None else loaded.mesh, seed=config.seed)
-    return ModelJudge(judge_loaded, resolve_chat_template(config.judge_model, "auto"),
-                      batch_size=config.judge_batch_size)
+    judge_loaded = load_model(settings.model, dtype=settings.dtype,
+                              mesh=None if loaded is None else loaded.mesh, seed=settings.seed)
+    return ModelJudge(judge_loaded, resolve_chat_template(settings.model, "auto"),
+                      batch_size=settings.batch_size)

@@ -187,7 +187,8 @@ def create_reward_functions(config: _RewardConfig, judge: Any = None) -> list[Re
             if judge is None:
                 raise ValueError(
                     f"reward {name!r} needs a judge: pass create_reward_functions(config, "
-                    "judge=jaxpost.rewards.judges.build_judge(config, loaded)) (prepare_session does)")
+                    "judge=jaxpost.rewards.judges.build_judge("
+                    "JudgeSettings.from_config(config), loaded)) (prepare_session does)")
             bound_tags.update({k: v for k, v in judged.items() if k in params})
         out: RewardFn = fn
         if bound_tags:

@@ -205,11 +205,12 @@ def auto_config(info: PlatformInfo | None = None) -> ColabTrainingConfig:
                                **memory_defaults(info, config))
 
 
-def _drive_target(config: ColabTrainingConfig) -> str:
-    drive_dir = os.path.normpath(config.drive_dir)
-    output = os.path.normpath(config.output_dir)
+def _drive_target(output_dir: str, drive_dir: str) -> str:
+    """``output_dir`` when it is under ``drive_dir``, else its last part under it."""
+    output = os.path.normpath(output_dir)
+    drive_dir = os.path.normpath(drive_dir)
     if output == drive_dir or output.startswith(drive_dir + os.sep):
-        return config.output_dir  # already on Drive
+        return output_dir  # already on Drive
     return os.path.join(drive_dir, Path(output).name)
 
 
@@ -243,7 +244,7 @@ def resolve_output_dir(config: ColabTrainingConfig, *, platform: PlatformInfo | 
         if drive is None:
             from google.colab import drive
         drive.mount(mount_point)
-    target = _drive_target(config)
+    target = _drive_target(config.output_dir, config.drive_dir)
     os.makedirs(target, exist_ok=True)
     print(f"jaxpost: output in {target} on Google Drive; rerunning this notebook on a new "
           "runtime resumes from its last checkpoint there", flush=True)
