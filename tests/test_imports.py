@@ -110,6 +110,48 @@ def test_no_module_is_longer_than_the_limit():
                       + ", ".join(f"{path} ({n})" for path, n in over.items()))
 
 
+# Modules whose function-level imports one comment at their top explains.
+EXPLAINED_IN_DOCSTRING = {"jaxpost.cli"}
+
+
+def unexplained_lazy_imports(package: Path = PACKAGE) -> list[str]:
+    """``"module:line"`` for each import inside a function with no comment saying why:
+    on its line, or on the line above it or above the block of imports it is part of."""
+    found = []
+    for file in sorted(package.rglob("*.py")):
+        module = _module_name(file, package)
+        if module in EXPLAINED_IN_DOCSTRING:
+            continue
+        lines = file.read_text(encoding="utf-8").splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                above = node.lineno - 2
+                while above >= 0 and lines[above].strip().startswith(("import ", "from ")):
+                    above -= 1
+                if "#" not in lines[node.lineno - 1] and not lines[above].strip().startswith("#"):
+                    found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    """Imports sit at the top of a module, except a lazy one whose comment says why (a
+    heavy or optional dependency, or a module read before JAX starts)."""
+    found = unexplained_lazy_imports()
+    assert not found, "move these imports to the top, or say why they wait: " + ", ".join(found)
+
+
+def test_an_unexplained_lazy_import_is_found(tmp_path):
+    package = tmp_path / "jaxpost"
+    package.mkdir()
+    (package / "m.py").write_text("import json\n\n\ndef f():\n    import yaml\n\n\n"
+                                  "def g():\n    # heavy\n    import numpy\n    import scipy\n")
+    assert unexplained_lazy_imports(package) == ["jaxpost.m:5"]
+
+
 # The libraries whose use, and every patch of whose code, lives in jaxpost.tunix_ext.
 WRAPPED_LIBRARIES = ("tunix", "qwix")
 

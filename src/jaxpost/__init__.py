@@ -12,11 +12,7 @@ def _share_malloc_arenas() -> None:
 
 _share_malloc_arenas()
 
+# The modules that moved into subpackages keep their old names for one release.
+from jaxpost import _renamed  # noqa: E402  (after the arenas: it imports nothing heavy)
 
-def _keep_old_module_names() -> None:
-    from jaxpost import _renamed
-
-    _renamed.install()
-
-
-_keep_old_module_names()
+_renamed.install()

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxpost.rundir import DPO_STAGE, GRPO_STAGE, SFT_STAGE, UNREADABLE_DIR
@@ -73,7 +74,6 @@ def _restore_on_cpu(item_dir: Path):
     Passing target shardings makes Orbax read what Tunix's restore reads (tree, sharding
     and array metadata, every chunk) without needing the devices it was saved from.
     """
-    import jax
 
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     tree = ocp.PyTreeCheckpointHandler().metadata(item_dir).tree

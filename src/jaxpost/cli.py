@@ -1,4 +1,9 @@
-"""The ``jaxpost`` command line."""
+"""The ``jaxpost`` command line.
+
+Each command imports the modules it runs inside its own function, so that ``jaxpost
+--help`` and a mistyped option answer at once, without starting JAX
+(``tests/test_config.py::test_the_config_and_the_cli_help_import_no_jax``).
+"""
 
 from __future__ import annotations
 
@@ -232,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--question", default=None, help="default: the first held-out question")
     q.set_defaults(func=_cmd_quick_test)
 
-    from jaxpost.evaluate import DEFAULT_MAX_NEW_TOKENS
+    from jaxpost.config.choices import EVAL_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 
     v = sub.add_parser(
         "eval", help="score a model (optionally with LoRA adapters) on a dataset",

@@ -14,21 +14,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-
 from typing import Any, Callable
 
+from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
 from jaxpost.data import datasets as _data
 from jaxpost.data import prompts as _prompts
-from jaxpost.rewards import registry as _rewards
-from jaxpost.config import ColabTrainingConfig, describe, from_dict, get_preset
-from jaxpost.runtime.credentials import Credentials, resolve_credentials
+from jaxpost.data.datasets import parse_dataset_spec
 from jaxpost.dpo import train_dpo
 from jaxpost.evaluate import Comparison, EvalReport, compare, evaluate
 from jaxpost.export import export_checkpoint, export_from_lora_dir, export_run, push_to_hub
-from jaxpost.runtime.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
 from jaxpost.plots import show_training_curves
+from jaxpost.rewards import registry as _rewards
 from jaxpost.rewards.rubrics import policy_rubric
-from jaxpost.session import ColabSession
+from jaxpost.runtime.credentials import Credentials, resolve_credentials
+from jaxpost.runtime.platform import PlatformInfo, auto_config, detect_platform, resolve_output_dir
+from jaxpost.sampling import generate
+from jaxpost.session import ColabSession, prepare_session
 from jaxpost.sft import SFTState, train_sft
 from jaxpost.train import TrainerState, train_grpo
 
@@ -181,8 +182,6 @@ def prepare_colab_session(config: ColabTrainingConfig, *,
       credentials: hub credentials kept in the session (never in the config); default:
         ``resolve_credentials()`` (Colab secrets, Kaggle secrets, environment).
     """
-    from jaxpost.session import prepare_session
-
     return prepare_session(config, credentials=credentials)
 
 
@@ -199,8 +198,6 @@ def quick_test(config: ColabTrainingConfig, session: ColabSession,
     Returns:
       The completion text.
     """
-    from jaxpost.sampling import generate
-
     if test_question is None:
         test_question = _first_eval_question(session) or DEFAULT_TEST_QUESTION
     model = trainer_state.lora_model if trainer_state is not None else session.lora_model
@@ -222,8 +219,6 @@ def held_out_spec(dataset: str) -> str:
     """The dataset the held-out comparison reads: GSM8K's test split for GSM8K's training
     data, else the run's own spec (drawn with another seed by the caller). A local file
     read with another seed is only reordered: point ``jaxpost eval`` at its test file."""
-    from jaxpost.data.datasets import parse_dataset_spec
-
     spec = parse_dataset_spec(dataset)
     if spec.kind == "gsm8k" and spec.arg in (None, "train"):
         return "gsm8k:test"

@@ -40,10 +40,23 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxpost.config import ColabTrainingConfig
-from jaxpost.data.preferences import PreferencePair
+from jaxpost.checkpoints import resume_step
+from jaxpost.config import ColabTrainingConfig, save_yaml
+from jaxpost.data.datasets import prepare_datasets
+from jaxpost.data.preferences import (PreferencePair, pairs_from_groups, score_completions,
+                                      uses_demonstrations)
+from jaxpost.data.prompts import PromptFormat, format_prompt
 from jaxpost.runtime.atomic import write_atomic
+from jaxpost.runtime.mesh import use_mesh
+from jaxpost.sampling import make_sampler
 from jaxpost.session import ColabSession
+from jaxpost.sft import end_of_turn_id
+from jaxpost.train import (CONFIG_FILE, METRICS_FILE, MetricsRecorder, TrainerState, make_optimizer,
+                           make_schedule, read_metrics, start_wandb)
+from jaxpost.tunix_ext.checkpointing import (actor_checkpoint_dir, dpo_checkpoint_dir,
+                                             latest_checkpoint_step, sft_checkpoint_dir)
+from jaxpost.tunix_ext.gemma3 import completion_logits_only
+from jaxpost.tunix_ext.trainers import build_dpo_trainer, frozen_copy
 
 PAIRS_FILE = "preference_pairs.jsonl"
 # Lengths are rounded up to a multiple of this (as in jaxpost.sft), so that runs whose
@@ -185,11 +198,6 @@ def sample_self_pairs(config: ColabTrainingConfig, session: ColabSession, *,
     Raises:
       ValueError: every group tied (no preference to learn), naming what to change.
     """
-    from jaxpost.data.datasets import prepare_datasets
-    from jaxpost.runtime.mesh import use_mesh
-    from jaxpost.data.preferences import pairs_from_groups, score_completions, uses_demonstrations
-    from jaxpost.sampling import make_sampler
-
     loaded = session.loaded
     pool, _ = prepare_datasets(dataclasses.replace(config, max_steps=None))
     demos = {}
@@ -280,18 +288,6 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
       ValueError: ``output_dir`` already holds GRPO checkpoints, or no usable pair.
       jaxpost.train.TrainingDiverged: the loss became NaN or infinite.
     """
-    from jaxpost.checkpoints import resume_step
-    from jaxpost.config import save_yaml
-    from jaxpost.runtime.mesh import use_mesh
-    from jaxpost.data.prompts import PromptFormat, format_prompt
-    from jaxpost.sft import end_of_turn_id
-    from jaxpost.tunix_ext.checkpointing import (actor_checkpoint_dir, dpo_checkpoint_dir,
-                                                 latest_checkpoint_step, sft_checkpoint_dir)
-    from jaxpost.tunix_ext.gemma3 import completion_logits_only
-    from jaxpost.tunix_ext.trainers import build_dpo_trainer, frozen_copy
-    from jaxpost.train import (CONFIG_FILE, METRICS_FILE, MetricsRecorder, TrainerState,
-                               make_optimizer, make_schedule, read_metrics, start_wandb)
-
     ckpt_dir = dpo_checkpoint_dir(config.checkpoint_dir)
     if config.total_steps == 0:
         sft_step = latest_checkpoint_step(sft_checkpoint_dir(config.checkpoint_dir))
@@ -357,6 +353,7 @@ def train_dpo(config: ColabTrainingConfig, session: ColabSession):
                                schedule=schedule, wandb_run=wandb_run, stage="dpo")
     backends = [lambda: recorder]
     if config.tensorboard:
+        # the TensorBoard writer loads only when a run logs to TensorBoard
         from metrax.logging.tensorboard_backend import TensorboardBackend
 
         tb_dir = str(config.tensorboard_dir)

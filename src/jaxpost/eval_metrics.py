@@ -22,6 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from jaxpost.rewards import builtin as rewards
+from jaxpost.rewards.answers import extract_answer
+
 __all__ = ["aggregate", "pass_at_k", "score_completions"]
 
 
@@ -84,9 +87,6 @@ def score_completions(example: dict, completions: Sequence[str], *, reasoning_ta
       ``partial_credit`` (``answer_match``), ``tokens`` and ``truncated`` (when a
       tokenizer is given); and ``pass@k``.
     """
-    from jaxpost.rewards import builtin as rewards
-    from jaxpost.rewards.answers import extract_answer
-
     completions = list(completions)
     n = len(completions)
     columns = {key: [example[key]] * n for key in ("answer", "task", "entry") if key in example}

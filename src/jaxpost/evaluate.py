@@ -28,8 +28,20 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from jaxpost.checkpoints import final_stage_dir, newest_readable_step
+from jaxpost.config import DEFAULT_SYSTEM_PROMPT, load_run_config, load_yaml
+from jaxpost.config.choices import EVAL_MAX_NEW_TOKENS
+from jaxpost.data.datasets import load_examples, parse_dataset_spec
+from jaxpost.data.prompts import PromptFormat, format_prompt, resolve_chat_template
 from jaxpost.eval_metrics import aggregate, pass_at_k, score_completions
 from jaxpost.eval_report import Comparison, EvalReport, comparison_table, examples_path
+from jaxpost.export import (ADAPTER_FILE, EXPORT_CONFIG, EXPORT_METRICS, checkpoint_lora_arrays,
+                            load_lora_export, set_lora_arrays)
+from jaxpost.models.loading import load_model
+from jaxpost.models.lora import apply_lora
+from jaxpost.rundir import CONFIG_FILE, RunDir
+from jaxpost.runtime.cache import enable_compilation_cache
+from jaxpost.sampling import generate, make_sampler
 
 __all__ = [
     "BASE",
@@ -46,7 +58,7 @@ __all__ = [
 ]
 
 # GSM8K solutions of a 270M-1B model take 100-200 tokens; 256 lets most of them finish.
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS = EVAL_MAX_NEW_TOKENS
 DEFAULT_MODEL = "embedded:gemma3-270m"
 # Sampling temperature when more than one sample per example is drawn (pass@k, k > 1).
 DEFAULT_SAMPLE_TEMPERATURE = 0.8
@@ -70,11 +82,6 @@ class _Adapters:
 
 def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
     """Checks a ``lora`` path without loading a model; None (or "base") for no adapters."""
-    from jaxpost.checkpoints import final_stage_dir, newest_readable_step
-    from jaxpost.config import load_run_config, load_yaml
-    from jaxpost.export import ADAPTER_FILE, EXPORT_CONFIG, EXPORT_METRICS
-    from jaxpost.rundir import CONFIG_FILE, RunDir
-
     if lora is None or str(lora) == BASE:
         return None
     path = Path(lora).expanduser()
@@ -105,11 +112,6 @@ def _resolve_adapters(lora: str | os.PathLike | None) -> _Adapters | None:
 
 def _adapted_model(loaded, adapters: _Adapters):
     """The base model of ``loaded`` with ``adapters`` applied (base weights shared)."""
-    from jaxpost.checkpoints import final_stage_dir
-    from jaxpost.export import checkpoint_lora_arrays, load_lora_export, set_lora_arrays
-    from jaxpost.models.lora import apply_lora
-    from jaxpost.rundir import RunDir
-
     if adapters.kind == "export":
         return load_lora_export(adapters.path, loaded)
     config = adapters.config
@@ -141,8 +143,6 @@ class _Options:
 
 def _check_options(*, data, num_examples, k, num_samples, temperature, top_k, top_p,
                    max_new_tokens, batch_size, seed, out) -> _Options:
-    from jaxpost.data.datasets import parse_dataset_spec
-
     if not isinstance(data, str) or not data.strip():
         raise ValueError(f"data={data!r} is invalid: give a dataset spec such as "
                          "gsm8k:test, reasoning-gym:TASK or jsonl:PATH")
@@ -176,9 +176,6 @@ def _check_options(*, data, num_examples, k, num_samples, temperature, top_k, to
 def _prompt_format(model_source: str, own: _Adapters | None, other: _Adapters | None):
     """The prompt format of one side: its adapters' run's, else the other side's, else
     the default system prompt under ``model_source``'s template."""
-    from jaxpost.config import DEFAULT_SYSTEM_PROMPT
-    from jaxpost.data.prompts import PromptFormat, resolve_chat_template
-
     for adapters in (own, other):
         if adapters is not None:
             return PromptFormat.from_config(adapters.config)
@@ -203,9 +200,6 @@ def _base_key(model_source: str | None, adapters: Sequence[_Adapters | None]):
 def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_format,
          examples: list[dict], opts: _Options) -> EvalReport:
     """Generates and scores every example with ``model``; prints a progress line per batch."""
-    from jaxpost.data.prompts import format_prompt
-    from jaxpost.sampling import generate, make_sampler
-
     t0 = time.time()
     prompts = [format_prompt(e["question"], prompt_format) for e in examples]
     n = opts.num_samples
@@ -250,8 +244,6 @@ def _run(loaded, model, label: str, adapters: _Adapters | None, prompt_format,
 
 
 def _load_examples(opts: _Options) -> list[dict]:
-    from jaxpost.data.datasets import load_examples
-
     examples = load_examples(opts.data, seed=opts.seed, max_examples=opts.num_examples)
     if len(examples) < opts.num_examples:
         print(f"jaxpost eval: {opts.data} has {len(examples)} examples, fewer than "
@@ -398,8 +390,5 @@ def compare(
 
 
 def _load(source: str, dtype: str, seed: int):
-    from jaxpost.runtime.cache import enable_compilation_cache
-    from jaxpost.models.loading import load_model
-
     enable_compilation_cache()
     return load_model(source, dtype=dtype, seed=seed)

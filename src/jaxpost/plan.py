@@ -47,18 +47,10 @@ import os
 
 from jaxpost.config import ColabTrainingConfig
 from jaxpost.runtime.platform import PLATFORM_DEVICES, PLATFORM_PRESETS
-from jaxpost.shapes import (  # noqa: F401  (re-exported)
-    ModelShapes,
-    kv_cache_bytes,
-    layer_activation_bytes,
-    logps_bytes,
-    lora_specs,
-    model_shapes,
-    packed_rows,
-    shard_bytes,
-    update_activation_bytes,
-    weight_specs,
-)
+from jaxpost.shapes import (ModelShapes, kv_cache_bytes,  # noqa: F401  (re-exported)
+                            layer_activation_bytes, logps_bytes, lora_specs, model_shapes,
+                            packed_rows, shard_bytes, update_activation_bytes, weight_specs)
+from jaxpost.tunix_ext.logps import logps_chunk_rows
 
 GIB = 2**30
 # Share of a device's memory left to XLA (compiled programs, scratch, fragmentation).
@@ -185,8 +177,6 @@ def memory_plan(config: ColabTrainingConfig, *, platform: str = "cpu",
     """
     if platform not in PLATFORM_PRESETS:
         raise ValueError(f"platform {platform!r} is unknown; known: {', '.join(PLATFORM_PRESETS)}")
-    from jaxpost.tunix_ext.logps import logps_chunk_rows
-
     kind, default_devices = PLATFORM_DEVICES[platform]
     devices = devices or default_devices
     memory_gib = memory_gib or PLATFORM_PRESETS[platform][1]

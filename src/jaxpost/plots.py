@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxpost.runtime.atomic import atomic_file
+from jaxpost.train import METRICS_FILE, read_metrics
 
 PLOT_FILE = "training_curves.png"
 # (metric in metrics.jsonl, panel title); the reward panel also draws every
@@ -45,8 +46,6 @@ def training_figure(output_dir: str | os.PathLike) -> Figure:
     Raises:
       FileNotFoundError: the run directory has no metrics yet.
     """
-    from jaxpost.train import METRICS_FILE, read_metrics
-
     rows = read_metrics(output_dir)
     if not rows:
         raise FileNotFoundError(f"{Path(output_dir) / METRICS_FILE} holds no metrics: train "
@@ -110,6 +109,7 @@ def show_training_curves(output_dir: str | os.PathLike):
     """
     path = plot_training_curves(output_dir)
     try:
+        # IPython exists only in a notebook
         from IPython.display import Image
     except ImportError:
         return path

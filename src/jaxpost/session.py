@@ -8,9 +8,18 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from jaxpost.runtime.cache import enable_compilation_cache
 from jaxpost.config import ColabTrainingConfig
+from jaxpost.data.datasets import prepare_datasets
+from jaxpost.data.demonstrations import load_demonstrations
+from jaxpost.data.preferences import load_preference_jsonl, uses_demonstrations
+from jaxpost.data.prompts import resolve_chat_template
 from jaxpost.models.loading import LoadedModel, count_params, load_model
+from jaxpost.models.lora import apply_lora
+from jaxpost.rewards.judges import JudgeSettings, build_judge
+from jaxpost.rewards.registry import check_reward_config, create_reward_functions, uses_judge
+from jaxpost.runtime.cache import enable_compilation_cache
+from jaxpost.runtime.credentials import check_model_access, resolve_credentials
+from jaxpost.runtime.platform import detect_platform
 
 
 @dataclasses.dataclass
@@ -48,8 +57,6 @@ class ColabSession:
 
     def summary(self) -> str:
         """One line: platform, devices, mesh, model, parameter and LoRA parameter counts."""
-        from jaxpost.runtime.platform import detect_platform
-
         mesh = self.loaded.mesh
         platform = detect_platform(mesh.devices.flatten())
         sizes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
@@ -82,8 +89,6 @@ def _preference_pairs(source: str, eval_dataset, *, seed: int,
     """The pairs of the preference file ``source`` (a config's ``preference_data``, loaded
     with :func:`jaxpost.data.preferences.load_preference_jsonl`), less those asking a
     held-out question of ``eval_dataset``."""
-    from jaxpost.data.preferences import load_preference_jsonl
-
     pairs = load_preference_jsonl(source, seed=seed, max_examples=max_examples)
     held_out = ({str(q) for batch in eval_dataset for q in batch["question"]}
                 if eval_dataset is not None else set())
@@ -115,13 +120,6 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     Raises:
       PermissionError: a gated model without the credentials it needs, naming them.
     """
-    from jaxpost.runtime.credentials import check_model_access, resolve_credentials
-    from jaxpost.data.datasets import prepare_datasets
-    from jaxpost.models.lora import apply_lora
-    from jaxpost.rewards.judges import JudgeSettings, build_judge
-    from jaxpost.data.prompts import resolve_chat_template
-    from jaxpost.rewards.registry import check_reward_config, create_reward_functions, uses_judge
-
     t0 = time.time()
     enable_compilation_cache()
     credentials = resolve_credentials() if credentials is None else credentials
@@ -133,13 +131,9 @@ def prepare_session(config: ColabTrainingConfig, *, credentials: Any = None,
     template = resolve_chat_template(config.model, config.chat_template)
     check_reward_config(config)
     train_ds, eval_ds = prepare_datasets(config)
-    from jaxpost.data.preferences import uses_demonstrations
-
     dpo = config.algorithm == "dpo"
     demonstrations, preferences = [], []
     if config.sft_steps > 0 or (dpo and uses_demonstrations(config.preference_data)):
-        from jaxpost.data.demonstrations import load_demonstrations
-
         demonstrations = load_demonstrations(
             config.sft_data, dataset=config.dataset, seed=config.seed,
             max_examples=config.max_examples, reasoning_tag=config.reasoning_tag,

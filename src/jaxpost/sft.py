@@ -31,9 +31,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpost.config import ColabTrainingConfig
+from jaxpost.checkpoints import resume_step
+from jaxpost.config import ColabTrainingConfig, save_yaml
 from jaxpost.data.demonstrations import Demonstration
+from jaxpost.data.prompts import PromptFormat, format_prompt, stop_strings
+from jaxpost.rundir import RunDir
+from jaxpost.runtime.mesh import use_mesh
 from jaxpost.session import ColabSession
+from jaxpost.train import CONFIG_FILE, METRICS_FILE, MetricsRecorder, make_optimizer, make_schedule
+from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits, completion_logits_only
+from jaxpost.tunix_ext.logps import completion_logps, positions_and_attention
+from jaxpost.tunix_ext.trainers import build_sft_trainer
 
 # Completion lengths are rounded up to a multiple of this, so that runs whose longest
 # demonstration differs by a token or two share a compiled step.
@@ -63,8 +71,6 @@ class SFTState:
 def make_sft_schedule(*, peak: float, steps: int, warmup_ratio: float) -> optax.Schedule:
     """The warm-up's learning rate by step: linear warmup over ``warmup_ratio`` of
     ``steps`` from 0 to ``peak``, then cosine to 0 at ``steps``."""
-    from jaxpost.train import make_schedule
-
     steps = max(steps, 1)
     return make_schedule(peak=peak, warmup_steps=int(warmup_ratio * steps), total_steps=steps)
 
@@ -80,8 +86,6 @@ def end_of_turn_id(tokenizer, template: str, eos_ids: Sequence[int]) -> int:
     """The token a completion ends with under ``template``: its end-of-turn marker when
     the tokenizer reads it as one stop token (Gemma's ``<end_of_turn>``), else the
     first end-of-sequence id."""
-    from jaxpost.data.prompts import stop_strings
-
     for marker in stop_strings(template):
         ids = list(tokenizer.encode(marker))
         if ids and ids[0] == tokenizer.bos_id():
@@ -189,9 +193,6 @@ def completion_nll(model: nnx.Module, prompt_ids, completion_ids, completion_mas
     Returns:
       A float32 scalar: ``-sum(mask * log p(token)) / sum(mask)``.
     """
-    from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
-    from jaxpost.tunix_ext.logps import completion_logps, positions_and_attention
-
     mask = completion_mask.astype(jnp.float32)
     if isinstance(model, Gemma3TrimmedLogits):
         logps, _ = completion_logps(model, prompt_ids, completion_ids, pad_id)
@@ -242,15 +243,6 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
         without a warm-up).
       jaxpost.train.TrainingDiverged: the loss became NaN or infinite.
     """
-    from jaxpost.checkpoints import resume_step
-    from jaxpost.tunix_ext.gemma3 import completion_logits_only
-    from jaxpost.tunix_ext.trainers import build_sft_trainer
-    from jaxpost.rundir import RunDir
-    from jaxpost.runtime.mesh import use_mesh
-    from jaxpost.data.prompts import PromptFormat, format_prompt
-    from jaxpost.train import CONFIG_FILE, METRICS_FILE, MetricsRecorder, make_optimizer
-    from jaxpost.config import save_yaml
-
     if config.sft_steps == 0:
         return None
     demos = getattr(session, "demonstrations", None)
@@ -297,6 +289,7 @@ def train_sft(config: ColabTrainingConfig, session: ColabSession) -> SFTState | 
                                schedule=schedule, stage="sft")
     backends = [lambda: recorder]
     if config.tensorboard:
+        # the TensorBoard writer loads only when a run logs to TensorBoard
         from metrax.logging.tensorboard_backend import TensorboardBackend
 
         tb_dir = str(config.tensorboard_dir)

@@ -14,6 +14,10 @@ import math
 import re
 from pathlib import Path
 
+from jaxpost.models.hub import hf_cache_dir, parse_kaggle_handle
+from jaxpost.models.loading import tiny_gemma3_config
+from jaxpost.tunix_ext.architectures import gemma3
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelShapes:
@@ -67,20 +71,14 @@ def model_shapes(source: str) -> ModelShapes:
         that is not cached and cannot be reached).
       FileNotFoundError: a local directory without ``config.json``.
     """
-    from jaxpost.tunix_ext.architectures import gemma3
-
     prefix, sep, rest = source.partition(":")
     if sep and prefix == "embedded":
         return ModelShapes.from_tunix(gemma3.ModelConfig.gemma3_270m())
     if sep and prefix == "random":
-        from jaxpost.models.loading import tiny_gemma3_config
-
         # Its vocabulary is the embedded tokenizer's, Gemma 3's.
         vocab = gemma3.ModelConfig.gemma3_270m().num_embed
         return ModelShapes.from_tunix(tiny_gemma3_config(vocab, None))
     if sep and prefix == "kaggle":
-        from jaxpost.models.hub import parse_kaggle_handle
-
         km = parse_kaggle_handle(rest)
         if km.family is None:
             raise ValueError(f"{source}: a Kaggle transformers handle's architecture is in the "
@@ -100,10 +98,9 @@ def model_shapes(source: str) -> ModelShapes:
 
 def _hf_config_file(repo_id: str) -> Path:
     """A Hugging Face repository's ``config.json`` alone (the cached copy when offline)."""
+    # the hub clients load only when something is downloaded
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
-
-    from jaxpost.models.hub import hf_cache_dir
 
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename="config.json",

@@ -15,10 +15,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpost.config import ColabTrainingConfig, save_yaml
-from jaxpost.tunix_ext.gemma3 import completion_logits_only
+from jaxpost.checkpoints import finished_steps, latest_step, move_aside, resume_step
+from jaxpost.config import ColabTrainingConfig, save_yaml, to_dict
+from jaxpost.data.datasets import num_train_batches
+from jaxpost.models.critic import build_value_model
+from jaxpost.rewards.judges import judge_metrics_fn
 from jaxpost.rundir import CONFIG_FILE, METRICS_FILE, RunDir
 from jaxpost.session import ColabSession
+from jaxpost.tunix_ext.checkpointing import dpo_checkpoint_dir, latest_checkpoint_step
+from jaxpost.tunix_ext.cluster import build_cluster
+from jaxpost.tunix_ext.gemma3 import completion_logits_only
+from jaxpost.tunix_ext.learners import build_grpo_learner
 
 
 class TrainingDiverged(FloatingPointError):
@@ -247,13 +254,12 @@ def start_wandb(config: ColabTrainingConfig):
     if config.wandb_project is None:
         return None
     try:
+        # wandb is optional: only when the run reports to it
         import wandb
     except ImportError:
         raise ValueError(f"wandb_project={config.wandb_project!r} needs the wandb package: "
                          "pip install wandb (and wandb login), or set wandb_project=none"
                          ) from None
-    from jaxpost.config import to_dict
-
     run = wandb.init(project=config.wandb_project, config=to_dict(config),
                      dir=str(config.output_dir), name=Path(config.output_dir).name)
     run.define_metric("step")
@@ -287,8 +293,6 @@ def _align_critic_checkpoints(run: RunDir, policy_step: int | None) -> None:
       ValueError: the policy has checkpoints but the critic none: the run directory was
         trained by another algorithm.
     """
-    from jaxpost.checkpoints import finished_steps, move_aside, resume_step
-
     critic_dir = run.critic_checkpoint_dir
     critic_step = resume_step(critic_dir)
     if policy_step is None:
@@ -321,12 +325,6 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
       ValueError: the config's algorithm is DPO, or ``output_dir`` holds DPO checkpoints.
       TrainingDiverged: when the loss becomes NaN or infinite.
     """
-    from jaxpost.checkpoints import latest_step, resume_step
-    from jaxpost.data.datasets import num_train_batches
-    from jaxpost.tunix_ext.checkpointing import dpo_checkpoint_dir, latest_checkpoint_step
-    from jaxpost.tunix_ext.cluster import build_cluster
-    from jaxpost.tunix_ext.learners import build_grpo_learner
-
     if config.algorithm == "dpo":
         raise ValueError("algorithm='dpo' is trained by jaxpost.dpo.train_dpo (which "
                          "run_full_pipeline calls), not by train_grpo")
@@ -371,6 +369,7 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
                                schedule=schedule, wandb_run=wandb_run)
     backends = [lambda: recorder]
     if config.tensorboard:
+        # the TensorBoard writer loads only when a run logs to TensorBoard
         from metrax.logging.tensorboard_backend import TensorboardBackend
 
         tb_dir = str(config.tensorboard_dir)
@@ -381,8 +380,6 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
     # Tunix scores only completion tokens; computing the other logits would cost more
     # than the transformer layers themselves (see jaxpost.tunix_ext.gemma3).
     if config.algorithm == "ppo":
-        from jaxpost.models.critic import build_value_model
-
         critic = build_value_model(loaded.model, loaded.mesh, rank=config.lora_rank,
                                    alpha=config.lora_alpha,
                                    target_modules=config.lora_target_modules,
@@ -405,8 +402,6 @@ def train_grpo(config: ColabTrainingConfig, session: ColabSession) -> TrainerSta
             critic_optimizer=critic_optimizer)
         metric_fns = []
         if getattr(session, "judge", None) is not None:
-            from jaxpost.rewards.judges import judge_metrics_fn
-
             metric_fns.append(judge_metrics_fn(session.judge))
         learner = build_grpo_learner(cluster, config, session.reward_fns,
                                      metric_fns=metric_fns)

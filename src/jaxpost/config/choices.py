@@ -47,3 +47,5 @@ PPO_DEFAULTS: dict[str, float | None] = {
 # One-digit sums and differences: a task the 270M base model can get better at in minutes.
 DEFAULT_DATASET = ("reasoning-gym:basic_arithmetic#min_terms=2&max_terms=2&min_digits=1"
                    "&max_digits=1&operators=+,-&allow_parentheses=false&allow_negation=false")
+# `jaxpost eval`'s completion budget in tokens, unless --max-new-tokens says otherwise.
+EVAL_MAX_NEW_TOKENS = 256

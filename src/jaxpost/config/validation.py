@@ -130,6 +130,7 @@ def validate(config: Any) -> None:
 
 def _check_stages(config: Any) -> None:
     v = config
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.data.demonstrations import check_sft_data_spec
 
     check_sft_data_spec(v.sft_data)
@@ -150,6 +151,7 @@ def _check_stages(config: Any) -> None:
 
 def _check_algorithm(config: Any) -> None:
     v = config
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.data.preferences import check_preference_data_spec
 
     check_preference_data_spec(v.preference_data)
@@ -172,6 +174,7 @@ def _check_algorithm(config: Any) -> None:
 
 def _check_dpo(config: Any) -> None:
     v = config
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.data.demonstrations import check_sft_data_spec
     from jaxpost.data.preferences import uses_demonstrations
 

@@ -232,6 +232,7 @@ def _jsonl_examples(
 def _reasoning_gym_examples(
     task: str, options: dict[str, Any], size: int, seed: int, skipped: collections.Counter
 ) -> list[dict]:
+    # reasoning-gym loads its hundred task generators on import: only for its datasets
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 

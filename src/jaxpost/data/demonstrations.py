@@ -155,10 +155,12 @@ def _parse_sft_jsonl(spec: str) -> tuple[str, dict[str, str], int | None]:
 
 def _check_dataset_source(spec: str, label: str) -> Any:
     """The parsed dataset spec, if demonstrations can come from it."""
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.data.datasets import parse_dataset_spec
 
     kind = re.split(r"[:#]", spec.strip(), maxsplit=1)[0]
     if kind not in _DATASET_KINDS:
+        # not at the top: the config and the CLI read this module; that one starts JAX
         from jaxpost.data.datasets import RUBRIC_KINDS
 
         why = (f"{kind!r} datasets hold rubrics, not worked solutions" if kind in RUBRIC_KINDS
@@ -223,6 +225,7 @@ def _reasoning_column(parsed: Any, examples: list[dict], source: str) -> str:
 def _from_dataset(spec: str, label: str, seed: int, max_examples: int | None,
                   skipped: collections.Counter) -> list[tuple[str, str, str]]:
     """(question, reasoning, answer) of each example of a dataset spec that has one."""
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.data.datasets import load_examples
 
     parsed = _check_dataset_source(spec, label)
@@ -253,6 +256,7 @@ def _same_answer(answer: str, reference: str) -> bool:
 
 def _from_reasoning_gym(task: str, examples: list[dict],
                         skipped: collections.Counter) -> list[tuple[str, str, str]]:
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.rewards.builtin import _reasoning_gym_scorer
 
     build, verify = RATIONALE_BUILDERS[task], _reasoning_gym_scorer(task)
@@ -335,6 +339,7 @@ def load_demonstrations(spec: str, *, dataset: str, seed: int, max_examples: int
         the columns found and expected), or no demonstration left.
       FileNotFoundError: a local file is missing.
     """
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.rewards.builtin import format_exact
 
     check_sft_data_spec(spec)

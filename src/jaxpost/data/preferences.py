@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import random
 import re
@@ -120,6 +121,7 @@ def check_preference_data_spec(spec: str) -> None:
     if kind == _PREFERENCE_JSONL:
         _parse_preference_jsonl(text)
         return
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.data.datasets import RUBRIC_KINDS
 
     if kind in ("gsm8k", "jsonl", "reasoning-gym", *RUBRIC_KINDS):
@@ -163,8 +165,6 @@ def load_preference_jsonl(spec: str, *, seed: int,
         found and expected), or no usable pair.
       FileNotFoundError: the file is missing.
     """
-    import logging
-
 
     check_preference_data_spec(spec)
     path, options, limit = _parse_preference_jsonl(spec)

@@ -110,6 +110,7 @@ def tokenizer_json(tokenizer_model: bytes) -> bytes | None:
     """
     # transformers is optional (and slow to import): only this file needs it.
     try:
+        # transformers takes seconds to import: only for a tokenizer that needs it
         import tokenizers
         from transformers import AutoTokenizer
     except ImportError:

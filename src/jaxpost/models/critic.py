@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpost.models.lora import apply_lora
 from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
 
 
@@ -61,8 +62,6 @@ def build_value_model(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: 
     state copies no buffer), adapted like the policy (``rank``, ``alpha``,
     ``target_modules``) but from another ``seed``, so the two never share adapters.
     """
-    from jaxpost.models.lora import apply_lora
-
     graphdef, state = nnx.split(base_model)
     backbone = apply_lora(nnx.merge(graphdef, state), mesh, rank=rank, alpha=alpha,
                           target_modules=target_modules, seed=seed)

@@ -23,9 +23,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from jaxpost.models.types import (LoadedModel, eos_ids,  # noqa: F401 (re-exported)
+                                  load_sentencepiece)
 from jaxpost.runtime.mesh import use_mesh
-from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
+from jaxpost.tunix_ext.architectures import (gemma, gemma_safetensors, llama3, llama3_params,
+                                             qwen2_modules, qwen3_modules)
 from jaxpost.tunix_ext.rope import honour_rope_theta
+from jaxpost.tunix_ext.sampler import tokenizer_adapter
 
 # Safetensors dtypes that Tunix's memory-mapped loader can read (it assumes one dtype per
 # file; anything else goes through its slower per-tensor path).
@@ -126,8 +130,6 @@ def gemma2_config_from_hf(hf: dict, where: str = "config.json") -> Any:
     GELU, tied embeddings and query scaling by ``head_dim ** -0.5``; a config asking for
     anything else raises ``ValueError`` instead of loading into a different model.
     """
-    from jaxpost.tunix_ext.architectures import gemma
-
     num_layers = _int(hf, "num_hidden_layers", where, "num_layers")
     head_dim = _head_dim(hf, where, required=True)
     if head_dim % 2:
@@ -202,8 +204,6 @@ def qwen2_config_from_hf(hf: dict, dtype, where: str = "config.json") -> Any:
     is both the parameter and the compute dtype. Tunix's Qwen 2 has no sliding-window
     attention, so ``use_sliding_window: true`` is refused.
     """
-    from jaxpost.tunix_ext.architectures import qwen2_modules
-
     qwen2, _ = qwen2_modules()
 
     _expect(hf, "use_sliding_window", (False,), where,
@@ -224,8 +224,6 @@ def qwen3_config_from_hf(hf: dict, dtype, where: str = "config.json") -> Any:
     layer sparse, top-k weights renormalised, as in Qwen3-30B-A3B). ``dtype`` is both
     the parameter and the compute dtype.
     """
-    from jaxpost.tunix_ext.architectures import qwen3_modules
-
     qwen3, _ = qwen3_modules()
     _expect(hf, "attention_bias", (False,), where,
             "Tunix's Qwen 3 attention has no bias", False)
@@ -263,8 +261,6 @@ def llama3_config_from_hf(hf: dict, where: str = "config.json") -> Any:
     ``llama3``) is ignored with a warning, as Tunix's own presets do. Its parameters
     take the dtype they are loaded in (the ModelConfig has no dtype field).
     """
-    from jaxpost.tunix_ext.architectures import llama3
-
     _expect(hf, "attention_bias", (False,), where, "Tunix's Llama 3 attention has no bias",
             False)
     _expect(hf, "mlp_bias", (False,), where, "Tunix's Llama 3 MLP has no bias", False)
@@ -329,6 +325,7 @@ def check_safetensors(path: Path, expected: dict[str, tuple[int, ...]]) -> str:
     Raises:
       ValueError: a tensor is missing or has another shape, naming it.
     """
+    # only when safetensors files are read or written
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -363,11 +360,10 @@ def load_tokenizer(path: Path):
     ``tokenizer.json`` through ``transformers.AutoTokenizer`` (for Qwen its ``bos_id()``
     is None, which Tunix's sampler accepts).
     """
-    from jaxpost.tunix_ext.sampler import tokenizer_adapter
-
     if (path / "tokenizer.model").is_file():
         return load_sentencepiece(path / "tokenizer.model")
     if (path / "tokenizer.json").is_file():
+        # transformers takes seconds to import: only for a tokenizer that needs it
         from transformers import AutoTokenizer
 
         return tokenizer_adapter(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
@@ -393,8 +389,6 @@ def _load_dir(path: Path, source: str, mesh, dtype, *, family: str,
 
 def load_gemma2_dir(path: Path, source: str, mesh, dtype) -> Any:
     """Loads a Gemma 2 Hugging Face directory (``model_type`` ``"gemma2"``)."""
-    from jaxpost.tunix_ext.architectures import gemma_safetensors
-
     return _load_dir(path, source, mesh, dtype, family="gemma2",
                      config_from_hf=gemma2_config_from_hf,
                      create=gemma_safetensors.create_model_from_safe_tensors)
@@ -402,8 +396,6 @@ def load_gemma2_dir(path: Path, source: str, mesh, dtype) -> Any:
 
 def load_qwen2_dir(path: Path, source: str, mesh, dtype) -> Any:
     """Loads a Qwen 2 / 2.5 Hugging Face directory (``model_type`` ``"qwen2"``)."""
-    from jaxpost.tunix_ext.architectures import qwen2_modules
-
     _, params = qwen2_modules()
     return _load_dir(path, source, mesh, dtype, family="qwen2",
                      config_from_hf=lambda hf, where: qwen2_config_from_hf(hf, dtype, where),
@@ -412,8 +404,6 @@ def load_qwen2_dir(path: Path, source: str, mesh, dtype) -> Any:
 
 def load_qwen3_dir(path: Path, source: str, mesh, dtype) -> Any:
     """Loads a Qwen 3 Hugging Face directory (``model_type`` ``"qwen3"``/``"qwen3_moe"``)."""
-    from jaxpost.tunix_ext.architectures import qwen3_modules
-
     qwen3, params = qwen3_modules()
     honour_rope_theta(qwen3)
     return _load_dir(path, source, mesh, dtype, family="qwen3",
@@ -423,8 +413,6 @@ def load_qwen3_dir(path: Path, source: str, mesh, dtype) -> Any:
 
 def load_llama3_dir(path: Path, source: str, mesh, dtype) -> Any:
     """Loads a Llama 3.x Hugging Face directory (``model_type`` ``"llama"``)."""
-    from jaxpost.tunix_ext.architectures import llama3, llama3_params
-
     honour_rope_theta(llama3)
     return _load_dir(path, source, mesh, dtype, family="llama3",
                      config_from_hf=llama3_config_from_hf,

@@ -108,6 +108,7 @@ def dequantized_tensors(reader, progress: Callable[[int], None] | None = None):
     Array shapes follow PyTorch's convention (``[out_features, in_features]``), which is
     GGUF's dimension order reversed.
     """
+    # the GGUF reader and writer load only for a GGUF file
     import gguf
 
     for t in reader.tensors:
@@ -129,6 +130,7 @@ def sentencepiece_model_bytes(reader) -> bytes:
     control tokens in the GGUF file but must be matched in prompt text, so they become
     user-defined pieces (as in Gemma's own tokenizer.model); ``<unusedN>`` stay control.
     """
+    # only for a SentencePiece tokenizer
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     tokens_f = reader.fields["tokenizer.ggml.tokens"]
@@ -182,6 +184,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: Path, *, show_progress: b
       out_dir: an existing, empty directory.
       show_progress: print a progress bar while dequantizing.
     """
+    # the GGUF reader and writer load only for a GGUF file
     import gguf
     from safetensors.numpy import save_file
     from tqdm.auto import tqdm

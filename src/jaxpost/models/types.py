@@ -12,6 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from jaxpost.tunix_ext.sampler import tokenizer_adapter
+
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -44,9 +46,8 @@ def load_sentencepiece(path: Path):
     Built from ``SentencePieceProcessor`` directly: Tunix's own ``Tokenizer`` class calls
     ``SetEncodeExtraOptions``, which sentencepiece 0.2.3 rejects.
     """
+    # only for a SentencePiece tokenizer
     import sentencepiece as spm
-
-    from jaxpost.tunix_ext.sampler import tokenizer_adapter
 
     return tokenizer_adapter(spm.SentencePieceProcessor(model_file=str(path), add_bos=True))
 

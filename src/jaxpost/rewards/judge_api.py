@@ -14,9 +14,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-from jaxpost.rewards.judge_common import API_SCALE, CRITERION_PROMPT, RUBRIC_PROMPT, JudgeStats, \
-    rubric_lines
+from jaxpost.rewards.judge_common import (API_SCALE, CRITERION_PROMPT, RUBRIC_PROMPT, JudgeStats,
+                                          rubric_lines)
 from jaxpost.rewards.rubrics import CriterionQuery, RubricQuery
+from jaxpost.runtime.credentials import redact
 
 # The judges log under one name, whichever module holds them.
 logger = logging.getLogger("jaxpost.rewards.judges")
@@ -66,8 +67,6 @@ class APIJudge:
         return f"APIJudge(url={self.url!r}, model={self.model!r}, key={'***' if self._key else None})"
 
     def _redact(self, text: str) -> str:
-        from jaxpost.runtime.credentials import redact
-
         return redact(text, [self._key.reveal()] if self._key is not None else [])
 
     def _post(self, content: str) -> str:

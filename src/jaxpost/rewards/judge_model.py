@@ -7,11 +7,18 @@ import logging
 import time
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxpost.data.prompts import PromptFormat, format_prompt
 from jaxpost.rewards.judge_common import (CRITERION_PROMPT, MODEL_SCALE, RUBRIC_PROMPT, JudgeStats,
-                                  rubric_lines)
+                                          rubric_lines)
 from jaxpost.rewards.rubrics import CriterionQuery, RubricQuery
+from jaxpost.runtime.mesh import use_mesh
+from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
+from jaxpost.tunix_ext.logps import positions_and_attention
 
 # The judges log under one name, whichever module holds them.
 logger = logging.getLogger("jaxpost.rewards.judges")
@@ -60,10 +67,6 @@ class ModelJudge:
     """
 
     def __init__(self, loaded, template: str, batch_size: int = 16, max_tokens: int = 1024):
-        import jax
-        from flax import nnx
-
-        from jaxpost.data.prompts import PromptFormat
 
         self.loaded = loaded
         self.template = template
@@ -87,12 +90,6 @@ class ModelJudge:
     @staticmethod
     def _last_logprobs(graphdef, pad, state, tokens):
         """Log-probabilities of the next token after each row: [batch, vocab]."""
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        from jaxpost.tunix_ext.gemma3 import Gemma3TrimmedLogits
-        from jaxpost.tunix_ext.logps import positions_and_attention
 
         model = nnx.merge(graphdef, state)
         mask = tokens != pad
@@ -105,8 +102,6 @@ class ModelJudge:
         return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
 
     def _prompt(self, body: str) -> str:
-        from jaxpost.data.prompts import format_prompt
-
         return format_prompt(body, self._format)
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:
@@ -123,9 +118,6 @@ class ModelJudge:
 
     def _logprobs(self, prompts: list[str]) -> np.ndarray:
         """[len(prompts), vocab] next-token log-probabilities, batch by batch."""
-        from flax import nnx
-
-        from jaxpost.runtime.mesh import use_mesh
 
         pad = self._pad
         ids = self._encode(prompts)

@@ -37,10 +37,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxpost.config import JUDGE_KINDS, REFERENCE_JUDGE  # noqa: F401  (re-exported)
+from jaxpost.data.prompts import model_chat_template, resolve_chat_template
+from jaxpost.models.loading import load_model
 from jaxpost.rewards.judge_api import APIJudge, JudgeRequestError  # noqa: F401  (re-exported)
 from jaxpost.rewards.judge_common import JudgeStats, judge_metrics_fn  # noqa: F401  (re-exported)
 from jaxpost.rewards.judge_model import ModelJudge
-from jaxpost.rewards.rubrics import CATEGORIES, CriterionQuery, RubricQuery
+from jaxpost.rewards.rubrics import (CATEGORIES, CriterionQuery, RubricJudgeError, RubricQuery,
+                                     explicit_reward)
+from jaxpost.runtime.credentials import resolve_secret
 
 logger = logging.getLogger("jaxpost.rewards.judges")
 
@@ -91,8 +95,6 @@ class LexicalJudge:
         return out
 
     def rate_rubrics(self, queries: Sequence[RubricQuery]) -> list[float | None]:
-        from jaxpost.rewards.rubrics import RubricJudgeError, explicit_reward
-
         t0 = time.perf_counter()
         out: list[float | None] = []
         for q in queries:
@@ -113,8 +115,6 @@ def resolve_judge_key(name: str, explicit: str | None = None, sources=None):
     Returns:
       A :class:`jaxpost.runtime.credentials.Secret`, or None when no store has it.
     """
-    from jaxpost.runtime.credentials import resolve_secret
-
     return resolve_secret(name, explicit, sources=sources)
 
 
@@ -178,8 +178,6 @@ def build_judge(settings: JudgeSettings, loaded=None, *, template: str | None = 
       ValueError: an unknown judge kind, a model judge without a model, or a bad API
         setting.
     """
-    from jaxpost.data.prompts import model_chat_template, resolve_chat_template
-
     if settings.kind == "lexical":
         return LexicalJudge()
     if settings.kind == "api":
@@ -198,8 +196,6 @@ def build_judge(settings: JudgeSettings, loaded=None, *, template: str | None = 
                              "pass loaded=")
         return ModelJudge(loaded, template or model_chat_template(loaded),
                           batch_size=settings.batch_size)
-    from jaxpost.models.loading import load_model
-
     judge_loaded = load_model(settings.model, dtype=settings.dtype,
                               mesh=None if loaded is None else loaded.mesh, seed=settings.seed)
     return ModelJudge(judge_loaded, resolve_chat_template(settings.model, "auto"),

@@ -242,6 +242,7 @@ def _read_rows(path: Path, skipped: collections.Counter) -> list[dict]:
     if path.suffix == ".parquet":
         if not path.is_file():
             raise FileNotFoundError(f"rubric dataset file {path} not found")
+        # pyarrow is a heavy import: only for a parquet file
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()

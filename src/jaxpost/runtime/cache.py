@@ -112,6 +112,7 @@ def enable_compilation_cache() -> Path:
     rerun (a resumed Colab session, a second ``jaxpost train``) then loads it instead.
     Set ``JAXPOST_COMPILATION_CACHE=0`` to turn this off.
     """
+    # not at the top: this module is read before JAX starts (the CLI, the config)
     import jax
 
     path = cache_root() / "xla"

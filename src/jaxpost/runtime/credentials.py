@@ -110,10 +110,12 @@ class SecretSources:
     def detect(cls) -> "SecretSources":
         """The stores of the machine this runs on: Colab's and Kaggle's when importable."""
         try:
+            # google.colab exists only inside Colab
             from google.colab import userdata as colab
         except ImportError:
             colab = None
         try:
+            # kaggle_secrets exists only inside a Kaggle notebook
             import kaggle_secrets as kaggle
         except ImportError:
             kaggle = None

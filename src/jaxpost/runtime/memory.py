@@ -59,6 +59,7 @@ def release_free_memory() -> bool:
     the next phase's peak starts from what is in use. Elsewhere (macOS, musl) this does
     nothing.
     """
+    # not at the top: this module is read before JAX starts (the CLI, the config)
     import ctypes
 
     trim = getattr(_libc(), "malloc_trim", None)
@@ -83,6 +84,7 @@ def compiled_ahead(jitted, cache: dict, *args):
       cache: executables by input shapes, kept by the caller.
       args: the positional arguments it will be called with.
     """
+    # not at the top: this module is read before JAX starts (the CLI, the config)
     import jax
 
     leaves, treedef = jax.tree.flatten(args)

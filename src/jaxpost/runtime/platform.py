@@ -102,6 +102,7 @@ def detect_host(environ: Mapping[str, str] | None = None) -> str:
 
 def _memory_gib(device: Any, kind: str) -> float | None:
     if kind == "cpu":
+        # psutil is needed only to read the host's memory
         import psutil
 
         return psutil.virtual_memory().total / 2**30
@@ -132,6 +133,7 @@ def detect_platform(devices=None, environ: Mapping[str, str] | None = None) -> P
       environ: the environment (default ``os.environ``), for the host.
     """
     if devices is None:
+        # not at the top: this module is read before JAX starts (the CLI, the config)
         import jax
 
         devices = jax.devices()
@@ -196,6 +198,7 @@ def memory_defaults(info: PlatformInfo, config: ColabTrainingConfig) -> dict[str
 def auto_config(info: PlatformInfo | None = None) -> ColabTrainingConfig:
     """The preset for the platform with its mesh and memory defaults applied."""
     info = info or detect_platform()
+    # not at the top: the config and the CLI read this module; that one starts JAX
     from jaxpost.models.loading import attention_heads
 
     config = get_preset(info.preset)
@@ -242,6 +245,7 @@ def resolve_output_dir(config: ColabTrainingConfig, *, platform: PlatformInfo | 
         return config.output_dir
     if not os.path.isdir(os.path.join(mount_point, "MyDrive")):
         if drive is None:
+            # google.colab exists only inside Colab
             from google.colab import drive
         drive.mount(mount_point)
     target = _drive_target(config.output_dir, config.drive_dir)

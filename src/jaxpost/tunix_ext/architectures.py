@@ -25,6 +25,7 @@ __all__ = ["gemma", "gemma3", "gemma3_params", "gemma_params", "gemma_safetensor
 
 def qwen2_modules() -> tuple[ModuleType, ModuleType]:
     """``(model, params)``: Tunix's Qwen 2 modules (``tunix.models.qwen2``)."""
+    # Qwen's modules import Pallas' TPU kernels (0.3 s and a warning): only for a Qwen model
     from tunix.models.qwen2 import model, params
 
     return model, params
@@ -32,6 +33,7 @@ def qwen2_modules() -> tuple[ModuleType, ModuleType]:
 
 def qwen3_modules() -> tuple[ModuleType, ModuleType]:
     """``(model, params)``: Tunix's Qwen 3 modules (``tunix.models.qwen3``)."""
+    # Qwen's modules import Pallas' TPU kernels (0.3 s and a warning): only for a Qwen model
     from tunix.models.qwen3 import model, params
 
     return model, params
