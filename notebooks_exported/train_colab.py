@@ -253,7 +253,7 @@ from jaxpost.colab_pipeline import (detect_platform, export_checkpoint, held_out
                                     make_config,
                                     prepare_colab_session, quick_test,
                                     resolve_credentials, run_full_pipeline,
-                                    show_training_curves, train_grpo, train_sft)
+                                    show_training_curves, train_policy, train_sft)
 
 credentials = resolve_credentials()
 credentials
@@ -302,7 +302,7 @@ comparison = held_out_comparison(config, session, num_examples=16)
 # %% [markdown]
 # ## 7. The same run, step by step
 #
-# For looking between stages. The first run's model is released to free its memory. With the same output directory `train_sft` and `train_grpo` resume from that run's newest checkpoints (already at their last steps, so they only load them); raise `MAX_STEPS` to train on.
+# For looking between stages. The first run's model is released to free its memory. With the same output directory `train_sft` and `train_policy` resume from that run's newest checkpoints (already at their last steps, so they only load them); raise `MAX_STEPS` to train on.
 
 # %%
 del session, state
@@ -310,7 +310,7 @@ session = prepare_colab_session(config, credentials=credentials)
 
 # %%
 sft_state = train_sft(config, session)  # None without a warm-up (sft_steps=0)
-state = train_grpo(config, session)
+state = train_policy(config, session)  # the config's algorithm: GRPO, PPO, DPO, ...
 state.history[-1]
 
 # %%

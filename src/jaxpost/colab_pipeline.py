@@ -54,6 +54,7 @@ __all__ = [
     "train_sft",
     "train_grpo",
     "train_dpo",
+    "train_policy",
     "held_out_comparison",
     "export_checkpoint",
     "export_run",
@@ -252,6 +253,20 @@ def held_out_comparison(config: ColabTrainingConfig, session: ColabSession,
     return result
 
 
+def train_policy(config: ColabTrainingConfig, session: ColabSession) -> TrainerState:
+    """The training stage after the SFT warm-up, with the config's ``algorithm``: GRPO,
+    its relatives and PPO (:func:`train_grpo`), or DPO (:func:`train_dpo`).
+
+    Resumes from the stage's newest checkpoint in ``config.output_dir``.
+
+    Returns:
+      The :class:`TrainerState` of the trained LoRA model and its metrics history.
+    """
+    if config.algorithm == "dpo":
+        return train_dpo(config, session)
+    return train_grpo(config, session)
+
+
 def run_full_pipeline(config: ColabTrainingConfig, *, credentials: Credentials | None = None
                       ) -> tuple[ColabSession, TrainerState, Path]:
     """Prepares, runs the SFT warm-up (when ``sft_steps`` > 0) and then GRPO, or DPO for
@@ -269,10 +284,7 @@ def run_full_pipeline(config: ColabTrainingConfig, *, credentials: Credentials |
     print(describe(config), flush=True)
     session = prepare_colab_session(config, credentials=credentials)
     train_sft(config, session)
-    if config.algorithm == "dpo":
-        state = train_dpo(config, session)
-    else:
-        state = train_grpo(config, session)
+    state = train_policy(config, session)
     path = export_checkpoint(config, state)
     quick_test(config, session, trainer_state=state)
     if config.final_eval_examples > 0:
