@@ -79,7 +79,7 @@ def test_notebook_cells_only_call_the_package():
     for name in ("JAXPOST_PRESET", "JAXPOST_OUTPUT_DIR", "JAXPOST_MAX_STEPS"):
         assert name in parameters[0].source
     sources = "\n".join(c.source for c in code)
-    for call in ("run_full_pipeline(", "prepare_colab_session(", "train_grpo(",
+    for call in ("run_full_pipeline(", "prepare_colab_session(", "train_policy(",
                  "export_checkpoint(", "quick_test(", "show_training_curves(",
                  "resolve_credentials(", "detect_platform("):
         assert call in sources, call
