@@ -36,7 +36,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from jaxpost.config import JUDGE_KINDS, REFERENCE_JUDGE  # noqa: F401  (re-exported)
+from jaxpost.config import (JUDGE_KINDS, REFERENCE_JUDGE,  # noqa: F401  (re-exported)
+                            ColabTrainingConfig)
 from jaxpost.data.prompts import model_chat_template, resolve_chat_template
 from jaxpost.models.loading import load_model
 from jaxpost.rewards.judge_api import APIJudge, JudgeRequestError  # noqa: F401  (re-exported)
@@ -118,6 +119,10 @@ def resolve_judge_key(name: str, explicit: str | None = None, sources=None):
     return resolve_secret(name, explicit, sources=sources)
 
 
+# JudgeSettings' defaults are the config's, so that the two cannot drift apart.
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ColabTrainingConfig)}
+
+
 @dataclasses.dataclass(frozen=True)
 class JudgeSettings:
     """Which judge :func:`build_judge` makes, and how: a value, not a whole config.
@@ -135,16 +140,16 @@ class JudgeSettings:
     """
 
     kind: str
-    model: str = REFERENCE_JUDGE
-    batch_size: int = 16
-    dtype: str = "float32"
-    seed: int = 42
-    api_base_url: str = ""
-    api_model: str = ""
-    api_key_name: str = "JUDGE_API_KEY"
-    api_timeout: float = 30.0
-    api_retries: int = 3
-    api_concurrency: int = 4
+    model: str = _CONFIG_DEFAULTS["judge_model"]
+    batch_size: int = _CONFIG_DEFAULTS["judge_batch_size"]
+    dtype: str = _CONFIG_DEFAULTS["dtype"]
+    seed: int = _CONFIG_DEFAULTS["seed"]
+    api_base_url: str = _CONFIG_DEFAULTS["judge_api_base_url"]
+    api_model: str = _CONFIG_DEFAULTS["judge_api_model"]
+    api_key_name: str = _CONFIG_DEFAULTS["judge_api_key_name"]
+    api_timeout: float = _CONFIG_DEFAULTS["judge_api_timeout"]
+    api_retries: int = _CONFIG_DEFAULTS["judge_api_retries"]
+    api_concurrency: int = _CONFIG_DEFAULTS["judge_api_concurrency"]
 
     @classmethod
     def from_config(cls, config: Any) -> JudgeSettings:
